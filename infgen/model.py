@@ -1,0 +1,291 @@
+"""The InfGen decoder: one fixed-size latent in, an image of any requested size out, in one forward pass.
+
+Layout (shared/reference/infgen-paper.md §1.3 and §8; sizes are its §7 defaults, as the paper gives none):
+
+    latent z (B, 4, h_l, w_l), already × the VAE scaling factor
+      → patchify (p) → Linear → + INPE(latent grid) + type embedding
+      → latent_blocks × self-attention                                   → memory (B, T, D)  (keys/values)
+    mask tokens: one learned vector + INPE(⌈h/8⌉×⌈w/8⌉ grid) + type embedding   (queries)
+      → query_blocks × [cross-attention to memory, MLP]   (queries never attend to each other)
+      → Linear → (B, token_channels, ⌈h/8⌉, ⌈w/8⌉) → PixelDecoder ×8 → crop to (h, w)
+
+Because queries never interact, they can be decoded in chunks of any size with identical results; the pixel
+decoder is local, so it can be tiled exactly (see pixel_decoder.py). Together that bounds the memory of a 4K
+decode by the chunk and tile sizes rather than by the output size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infgen.pixel_decoder import UPSAMPLE_FACTOR, PixelDecoder, PixelDecoderConfig
+from infgen.posenc import INPE, INPEConfig, normalized_grid
+
+
+@dataclass(frozen=True)
+class InfGenConfig:
+    latent_channels: int = 4  # SD-VAE / SDXL-VAE latents
+    latent_patch_size: int = 1  # 1 keeps a 1:1 (or 1:s) geometry between latent cells and mask tokens
+    width: int = 1024  # transformer width D
+    num_heads: int = 16
+    latent_blocks: int = 4  # self-attention blocks over the latent tokens
+    query_blocks: int = 12  # cross-attention blocks for the mask tokens
+    mlp_ratio: float = 4.0
+    inpe: INPEConfig = field(default_factory=INPEConfig)
+    decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    # Output sides up to in_distribution_scale × (latent side × 8) were seen in training; extrapolation
+    # (infgen.decode.extrapolate) climbs beyond that in re-encoded steps of at most ×2.
+    in_distribution_scale: float = 4.0
+    max_output_side: int = 8192  # decode refuses larger sides: a typo of 40960 should not allocate 40 GB
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"InfGenConfig.width={self.width} is not divisible by num_heads={self.num_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> InfGenConfig:
+        """Inverse of to_dict. Unknown keys are an error, so a config from a newer version never half-loads."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown InfGenConfig keys: {sorted(unknown)}")
+        values = dict(values)
+        if "inpe" in values:
+            values["inpe"] = INPEConfig(**values["inpe"])
+        if "decoder" in values:
+            decoder = dict(values["decoder"])
+            decoder["channels"] = tuple(decoder.get("channels", PixelDecoderConfig.channels))
+            values["decoder"] = PixelDecoderConfig(**decoder)
+        return cls(**values)
+
+
+# Parameter counts (pixel decoder included) are asserted in tests/test_model.py::test_preset_sizes.
+PRESETS: dict[str, InfGenConfig] = {
+    # 0.9M parameters: CPU unit tests and the embedded demo.
+    "tiny": InfGenConfig(
+        width=96,
+        num_heads=4,
+        latent_blocks=1,
+        query_blocks=2,
+        inpe=INPEConfig(num_frequencies=64),
+        decoder=PixelDecoderConfig(in_channels=8, channels=(24, 48, 96, 96), blocks_per_level=1, mid_blocks=1),
+    ),
+    # 37M parameters: a model that trains on a single GPU.
+    "base": InfGenConfig(
+        width=512,
+        num_heads=8,
+        latent_blocks=2,
+        query_blocks=6,
+        decoder=PixelDecoderConfig(channels=(64, 128, 256, 256), blocks_per_level=2, mid_blocks=2),
+    ),
+    # 252M parameters: the paper-scale default of infgen-paper.md §7.3 (D=1024, 16 heads, 4 + 12 blocks).
+    "paper": InfGenConfig(),
+}
+
+
+def preset(name: str, **overrides) -> InfGenConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown InfGen preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+#################################################################################
+#                               Transformer blocks                              #
+#################################################################################
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, ratio: float):
+        super().__init__()
+        hidden = int(width * ratio)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK-norm; self-attention when memory is None, else cross-attention."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = width // num_heads
+        self.to_q = nn.Linear(width, width)
+        self.to_kv = nn.Linear(width, 2 * width)
+        # QK-norm keeps attention logits bounded at large token counts and in bf16 (stability, §7.3).
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.out = nn.Linear(width, width)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        return x.view(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2)  # (B, H, T, hd)
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project memory once; a chunked decode reuses the result for every chunk of queries."""
+        keys, values = self.to_kv(memory).chunk(2, dim=-1)  # (B, T, D) each
+        return self.k_norm(self.split_heads(keys)), self.split_heads(values)  # (B, H, T, hd)
+
+    def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor] | None = None):
+        keys, values = keys_values if keys_values is not None else self.keys_values(x)
+        queries = self.q_norm(self.split_heads(self.to_q(x)))  # (B, H, N, hd)
+        attended = F.scaled_dot_product_attention(queries, keys, values)  # (B, H, N, hd)
+        batch, _, tokens, _ = attended.shape
+        return self.out(attended.transpose(1, 2).reshape(batch, tokens, -1))  # (B, N, D)
+
+
+class LatentBlock(nn.Module):
+    """Pre-norm self-attention block over the latent tokens."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = Attention(width, num_heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class QueryBlock(nn.Module):
+    """Pre-norm cross-attention block: mask tokens read from the latent memory, then an MLP."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = Attention(width, num_heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x), keys_values)
+        return x + self.mlp(self.norm2(x))
+
+
+#################################################################################
+#                                  InfGen model                                 #
+#################################################################################
+
+
+def query_grid_size(size: tuple[int, int]) -> tuple[int, int]:
+    """Mask-token grid for an output of `size` = (h, w): (⌈h/8⌉, ⌈w/8⌉)."""
+    return math.ceil(size[0] / UPSAMPLE_FACTOR), math.ceil(size[1] / UPSAMPLE_FACTOR)
+
+
+class InfGen(nn.Module):
+    LATENT, MASK = 0, 1  # rows of token_type
+
+    def __init__(self, config: InfGenConfig):
+        super().__init__()
+        self.config = config
+        width = config.width
+        patch = config.latent_patch_size
+        self.latent_in = nn.Linear(config.latent_channels * patch * patch, width)
+        self.inpe = INPE(config.inpe, width)  # shared by latent and mask tokens: one coordinate system
+        self.token_type = nn.Parameter(torch.zeros(2, width))
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.latent_blocks = nn.ModuleList(
+            LatentBlock(width, config.num_heads, config.mlp_ratio) for _ in range(config.latent_blocks)
+        )
+        self.latent_norm = nn.LayerNorm(width)
+        self.query_blocks = nn.ModuleList(
+            QueryBlock(width, config.num_heads, config.mlp_ratio) for _ in range(config.query_blocks)
+        )
+        self.query_norm = nn.LayerNorm(width)
+        self.to_tokens = nn.Linear(width, config.decoder.in_channels)
+        self.pixel_decoder = PixelDecoder(config.decoder)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Transformer linears: truncated normal 0.02 (ViT/DiT practice); biases zero.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.token_type, std=0.02)
+        # Residual branches start near zero so the untrained stack is close to identity and trains stably.
+        for block in [*self.latent_blocks, *self.query_blocks]:
+            nn.init.zeros_(block.attention.out.weight)
+            nn.init.zeros_(block.mlp.fc2.weight)
+
+    def encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h_l, w_l) latents → (B, T, D) memory that every mask token reads from."""
+        patch = self.config.latent_patch_size
+        batch, channels, rows, cols = latents.shape
+        tokens = F.unfold(latents, kernel_size=patch, stride=patch).transpose(1, 2)  # (B, T, C·p²)
+        x = self.latent_in(tokens)  # (B, T, D)
+        coords = normalized_grid(rows // patch, cols // patch, self.config.inpe.cell_centres)
+        x = x + self.inpe(coords.to(latents.device)).to(x.dtype) + self.token_type[self.LATENT]
+        for block in self.latent_blocks:
+            x = block(x)
+        return self.latent_norm(x)
+
+    def decode_tokens(
+        self,
+        keys_values: list[tuple[torch.Tensor, torch.Tensor]],
+        coords: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run a set of mask tokens at normalised `coords` (N, 2) through the query blocks → (B, N, C_tok)."""
+        batch = keys_values[0][0].shape[0]
+        position = self.inpe(coords)  # (N, D)
+        x = (self.mask_token + self.token_type[self.MASK] + position.to(self.mask_token.dtype)).expand(
+            batch, -1, -1
+        )  # (B, N, D)
+        for block, block_keys_values in zip(self.query_blocks, keys_values):
+            x = block(x, block_keys_values)
+        return self.to_tokens(self.query_norm(x))  # (B, N, C_tok)
+
+    def token_grid(
+        self, latents: torch.Tensor, size: tuple[int, int], query_chunk: int | None = None
+    ) -> torch.Tensor:
+        """Everything before the pixel decoder: (B, C_tok, ⌈h/8⌉, ⌈w/8⌉)."""
+        memory = self.encode_latents(latents)
+        keys_values = [block.attention.keys_values(memory) for block in self.query_blocks]
+        rows, cols = query_grid_size(size)
+        coords = normalized_grid(
+            rows,
+            cols,
+            self.config.inpe.cell_centres,
+            row_extent=size[0] / UPSAMPLE_FACTOR,
+            col_extent=size[1] / UPSAMPLE_FACTOR,
+        ).to(latents.device)
+        total = rows * cols
+        chunk = total if not query_chunk else query_chunk
+        tokens = torch.cat(
+            [self.decode_tokens(keys_values, coords[start : start + chunk]) for start in range(0, total, chunk)],
+            dim=1,
+        )  # (B, rows·cols, C_tok)
+        return tokens.transpose(1, 2).reshape(latents.shape[0], -1, rows, cols)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        size: tuple[int, int],
+        query_chunk: int | None = None,
+        tile_cells: int | None = None,
+    ) -> torch.Tensor:
+        """(B, C, h_l, w_l) scaled latents → (B, 3, h, w) image in about [-1, 1] (unclamped, for training).
+
+        query_chunk: mask tokens per chunk (None: all at once). tile_cells: side of a pixel-decoder tile in
+        token cells (None: one pass). Neither changes the result beyond float rounding.
+        """
+        grid = self.token_grid(latents, size, query_chunk)  # (B, C_tok, ⌈h/8⌉, ⌈w/8⌉)
+        if tile_cells:
+            return self.pixel_decoder.decode_tiled(grid, size, tile_cells)
+        return self.pixel_decoder(grid)[:, :, : size[0], : size[1]]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
