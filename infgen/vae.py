@@ -1,0 +1,181 @@
+"""The frozen KL-f8 VAE around InfGen: its encoder makes the training latents, its decoder is the baseline.
+
+InfGen replaces only the decoder; the encoder stays the latent-diffusion model's own, so that diffusion
+latents plug in unchanged (infgen-paper.md §1.2). For the SD-1.x family (DiT, SiT, SD1.5) that is the encoder of
+`stabilityai/sd-vae-ft-ema` (scaling factor 0.18215); SDXL has its own VAE (0.13025). The scaling and shift are
+read from the VAE's config, never hard-coded, so one class serves every latent space.
+
+Latents follow the diffusers/DiT convention: `(posterior - shift_factor) * scaling_factor`, which is what a
+diffusion model samples, so `decode(encode(x))` and `decode(diffusion_sample)` mean the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+VAE_CONFIG_NAME = "config.json"
+PIPELINE_VAE_SUBFOLDER = "vae"  # where a full diffusers pipeline keeps its VAE
+# Images past this magnitude are almost surely in [0, 1]·255 or uint8 units, not [-1, 1]. It is loose on purpose:
+# bicubic resizing overshoots [-1, 1] a little and that input is fine.
+IMAGE_MAGNITUDE_LIMIT = 1.5
+
+
+class FrozenVAE:
+    """An `AutoencoderKL` with gradients off, in eval mode, that speaks scaled latents.
+
+    Not an nn.Module on purpose: a training module that holds a FrozenVAE must not pick up its weights in
+    `parameters()` or `state_dict()`.
+    """
+
+    def __init__(self, autoencoder, source: str | None = None):
+        self.autoencoder = autoencoder.requires_grad_(False).eval()
+        self.source = source  # the directory or hub id it came from (None when built in memory)
+        config = autoencoder.config
+        self._scaling_factor = float(config.scaling_factor)
+        shift_factor = getattr(config, "shift_factor", None)
+        self._shift_factor = float(shift_factor) if shift_factor is not None else 0.0
+        # Each down block after the first halves the resolution: 4 blocks → ×8 (KL-f8).
+        self._downsample_factor = 2 ** (len(config.block_out_channels) - 1)
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        subfolder: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> FrozenVAE:
+        """Load from a local directory or a Hugging Face hub id with `AutoencoderKL.from_pretrained`.
+
+        A local directory may be a VAE directory (config.json + weights) or a full pipeline directory whose
+        `vae/` subfolder holds one; the latter is detected. A hub id is passed through as is (give
+        `subfolder="vae"` for a pipeline repo). Whether the hub may be contacted is up to the environment
+        (HF_HUB_OFFLINE), as with any diffusers call.
+
+        A source counts as a local path when it exists, or when it cannot be a hub id (absolute, starts with
+        `.` or `~`, or has more than one `/`); a local path that does not exist raises FileNotFoundError.
+        """
+        from diffusers import AutoencoderKL  # lazy: `import infgen` must stay fast
+
+        path = Path(source).expanduser()
+        if path.exists():
+            if subfolder is None and _is_pipeline_directory(path):
+                subfolder = PIPELINE_VAE_SUBFOLDER
+            vae_directory = path / subfolder if subfolder else path
+            if not (vae_directory / VAE_CONFIG_NAME).is_file():
+                raise FileNotFoundError(
+                    f"{vae_directory} has no {VAE_CONFIG_NAME}: expected a diffusers AutoencoderKL directory "
+                    f"or a pipeline directory with a {PIPELINE_VAE_SUBFOLDER}/ subfolder"
+                )
+            pretrained_name = str(path)
+        elif _looks_like_local_path(str(source)):
+            raise FileNotFoundError(f"VAE directory {source} does not exist")
+        else:
+            pretrained_name = str(source)  # hub id, e.g. "stabilityai/sd-vae-ft-ema"
+
+        autoencoder = AutoencoderKL.from_pretrained(pretrained_name, subfolder=subfolder, torch_dtype=dtype)
+        source_name = str(path / subfolder) if path.exists() and subfolder else pretrained_name
+        return cls(autoencoder.to(device), source=source_name)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self._scaling_factor
+
+    @property
+    def shift_factor(self) -> float:
+        return self._shift_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.autoencoder.config.latent_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        return self._downsample_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.autoencoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.autoencoder.parameters()).dtype
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent grid for an image: ceil(H/8) × ceil(W/8), because encode pads up to a multiple of 8."""
+        return math.ceil(height / self._downsample_factor), math.ceil(width / self._downsample_factor)
+
+    @torch.no_grad()
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] → scaled latents (B, C, ceil(H/8), ceil(W/8)), float32.
+
+        `sample=False` returns the posterior mean (deterministic); `sample=True` draws from the posterior with
+        `generator`, the convention for diffusion training latents. Sides that are not a multiple of 8 are
+        padded by edge replication first, so the last latent row/column covers a partly replicated cell.
+        """
+        _check_images(images)
+        height, width = images.shape[-2:]
+        padded_height, padded_width = (side * self._downsample_factor for side in self.latent_size(height, width))
+        images = images.to(device=self.device, dtype=self.dtype)
+        if (padded_height, padded_width) != (height, width):
+            # replicate, not zeros: a black border would bleed into the edge latents
+            images = F.pad(images, (0, padded_width - width, 0, padded_height - height), mode="replicate")
+        posterior = self.autoencoder.encode(images).latent_dist
+        latents = posterior.sample(generator=generator) if sample else posterior.mean
+        return (latents.float() - self._shift_factor) * self._scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) → images (B, 3, 8h, 8w) in [-1, 1], float32: the stock-decoder baseline."""
+        _check_latents(latents, self.latent_channels)
+        latents = latents.float() / self._scaling_factor + self._shift_factor
+        images = self.autoencoder.decode(latents.to(device=self.device, dtype=self.dtype)).sample
+        return images.float().clamp(-1.0, 1.0)
+
+
+def _is_pipeline_directory(path: Path) -> bool:
+    """A diffusers pipeline directory: no VAE config at the top, one in `vae/`."""
+    return not (path / VAE_CONFIG_NAME).is_file() and (path / PIPELINE_VAE_SUBFOLDER / VAE_CONFIG_NAME).is_file()
+
+
+def _looks_like_local_path(source: str) -> bool:
+    """True for strings that cannot be a hub id ("name" or "owner/name")."""
+    return (
+        Path(source).is_absolute()
+        or source.startswith((".", "~"))
+        or source.count("/") > 1
+        or "\\" in source
+    )
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be 4-D (B, 3, H, W), got shape {tuple(images.shape)}")
+    if images.shape[1] != 3:
+        raise ValueError(f"images must have 3 channels in dim 1 (B, 3, H, W), got shape {tuple(images.shape)}")
+    if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values")
+    magnitude = images.abs().max().item()
+    if magnitude > IMAGE_MAGNITUDE_LIMIT:
+        raise ValueError(f"images must be in [-1, 1], got max |value| {magnitude:.3g} (uint8 or [0, 255] input?)")
+
+
+def _check_latents(latents: torch.Tensor, channels: int) -> None:
+    if not isinstance(latents, torch.Tensor):
+        raise ValueError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+    if latents.ndim != 4 or latents.shape[1] != channels:
+        raise ValueError(f"latents must be 4-D (B, {channels}, h, w), got shape {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        raise ValueError("latents contain NaN or infinite values")

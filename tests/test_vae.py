@@ -1,0 +1,223 @@
+"""FrozenVAE, the synthetic image generator and the embedded (offline substitute) VAE, on tiny CPU models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import infgen.embedded_vae as embedded
+from infgen.synthetic import make_image, make_images
+from infgen.vae import FrozenVAE
+
+SCALING_FACTOR = 0.5  # deliberately not 0.18215: proves the value comes from config.json
+SHIFT_FACTOR = 0.1
+
+
+@pytest.fixture(scope="module")
+def vae_directory(tmp_path_factory):
+    """A tiny randomly initialised KL-f8 AutoencoderKL saved with save_pretrained."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4,  # 4 levels → 3 downsamplings → ×8
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 8, 8],
+        norm_num_groups=4,
+        layers_per_block=1,
+        latent_channels=4,
+        scaling_factor=SCALING_FACTOR,
+        shift_factor=SHIFT_FACTOR,
+    )
+    directory = tmp_path_factory.mktemp("tiny_vae")
+    autoencoder.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vae(vae_directory):
+    return FrozenVAE.load(vae_directory)
+
+
+def random_images(batch=2, height=32, width=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, height, width, generator=generator) * 2 - 1
+
+
+# ---- loading ----
+
+
+def test_load_reads_config_and_freezes(vae, vae_directory):
+    assert vae.source == str(vae_directory)
+    assert vae.scaling_factor == pytest.approx(SCALING_FACTOR)
+    assert vae.shift_factor == pytest.approx(SHIFT_FACTOR)
+    assert vae.latent_channels == 4
+    assert vae.downsample_factor == 8
+    assert not vae.autoencoder.training
+    assert not any(parameter.requires_grad for parameter in vae.autoencoder.parameters())
+
+
+def test_load_detects_pipeline_directory(vae_directory, tmp_path):
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "vae").mkdir(parents=True)
+    for file in vae_directory.iterdir():
+        (pipeline / "vae" / file.name).write_bytes(file.read_bytes())
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+
+    loaded = FrozenVAE.load(pipeline)
+
+    assert loaded.source == str(pipeline / "vae")
+    assert loaded.scaling_factor == pytest.approx(SCALING_FACTOR)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_missing_local_path_raises_file_not_found(tmp_path, monkeypatch, relative):
+    monkeypatch.chdir(tmp_path)
+    missing = "./no_such_vae" if relative else str(tmp_path / "no_such_vae")
+    with pytest.raises(FileNotFoundError, match="no_such_vae"):
+        FrozenVAE.load(missing)
+
+
+def test_directory_without_config_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        FrozenVAE.load(tmp_path)
+
+
+# ---- encode / decode ----
+
+
+def test_encode_is_scaled_shifted_posterior_mean(vae):
+    images = random_images()
+    expected = (vae.autoencoder.encode(images).latent_dist.mean - SHIFT_FACTOR) * SCALING_FACTOR
+
+    latents = vae.encode(images)
+
+    assert latents.shape == (2, 4, 4, 4)
+    torch.testing.assert_close(latents, expected.detach())
+    torch.testing.assert_close(vae.encode(images), latents)  # the mean is deterministic
+
+
+def test_sampled_encode_is_reproducible_with_a_seeded_generator(vae):
+    images = random_images()
+
+    first = vae.encode(images, generator=torch.Generator().manual_seed(7), sample=True)
+    again = vae.encode(images, generator=torch.Generator().manual_seed(7), sample=True)
+    other = vae.encode(images, generator=torch.Generator().manual_seed(8), sample=True)
+
+    torch.testing.assert_close(first, again)
+    assert not torch.equal(first, other)
+    assert not torch.equal(first, vae.encode(images))
+
+
+@pytest.mark.parametrize(("height", "width"), [(17, 30), (8, 9), (33, 64)])
+def test_sides_not_multiple_of_8_give_ceil_latent_grid(vae, height, width):
+    latents = vae.encode(random_images(1, height, width))
+
+    expected_grid = (-(-height // 8), -(-width // 8))
+    assert latents.shape[-2:] == expected_grid == vae.latent_size(height, width)
+
+
+def test_decode_inverts_the_scaling_and_clamps(vae):
+    latents = vae.encode(random_images())
+
+    images = vae.decode(latents)
+
+    assert images.shape == (2, 3, 32, 32)
+    assert images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1
+    raw = vae.autoencoder.decode(latents / SCALING_FACTOR + SHIFT_FACTOR).sample.clamp(-1, 1)
+    torch.testing.assert_close(images, raw.detach())
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (torch.zeros(3, 16, 16), "4-D"),
+        (torch.zeros(1, 1, 16, 16), "3 channels"),
+        (torch.zeros(1, 3, 0, 16), "non-empty"),
+        (torch.full((1, 3, 16, 16), float("nan")), "NaN"),
+        (torch.full((1, 3, 16, 16), 255.0), r"\[-1, 1\]"),
+        (torch.zeros(1, 3, 16, 16, dtype=torch.uint8), "floating point"),
+    ],
+)
+def test_bad_images_raise_value_error_naming_the_problem(vae, images, message):
+    with pytest.raises(ValueError, match=message):
+        vae.encode(images)
+
+
+def test_bad_latents_raise_value_error(vae):
+    with pytest.raises(ValueError, match="4-D"):
+        vae.decode(torch.zeros(1, 3, 4, 4))  # 3 channels, the VAE has 4
+    with pytest.raises(ValueError, match="NaN"):
+        vae.decode(torch.full((1, 4, 4, 4), float("nan")))
+
+
+# ---- synthetic images ----
+
+
+def test_synthetic_images_are_deterministic_per_seed_and_differ_across_seeds():
+    first = make_image(3, 48, 80)
+
+    assert first.shape == (48, 80, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, make_image(3, 48, 80))
+    assert np.abs(first.astype(int) - make_image(4, 48, 80)).mean() > 10
+    assert first.std() > 5  # not a flat colour
+
+
+def test_make_images_stacks_seeds():
+    batch = make_images([1, 2], (24, 40))
+
+    assert batch.shape == (2, 24, 40, 3)
+    np.testing.assert_array_equal(batch[1], make_image(2, 24, 40))
+
+
+# ---- embedded (offline substitute) VAE ----
+
+
+@pytest.fixture
+def quick_recipe(monkeypatch):
+    """Shrink the data side of the recipe so a 2-step training run takes about a second."""
+    monkeypatch.setattr(embedded, "BATCH_SIZE", 2)
+    monkeypatch.setattr(embedded, "HOLDOUT_IMAGES", 2)
+    monkeypatch.setattr(embedded, "POOL_IMAGES", 4)
+
+
+def test_embedded_vae_trains_once_then_loads_from_cache(tmp_path, quick_recipe):
+    first_log, second_log = [], []
+
+    trained = embedded.embedded_vae(tmp_path, steps=2, log=first_log.append)
+    cached = embedded.embedded_vae(tmp_path, steps=2, log=second_log.append)
+
+    folder = embedded.embedded_vae_directory(tmp_path, steps=2)
+    assert trained.source == cached.source == str(folder)
+    assert [path.name for path in tmp_path.iterdir()] == [folder.name]  # no temporary left behind
+    assert any("OFFLINE SUBSTITUTE" in line for line in first_log + second_log)
+    assert any("training 2 steps" in line for line in first_log)
+    assert not any("training" in line for line in second_log)
+    assert any("loading cached" in line for line in second_log)
+
+    report = json.loads((folder / embedded.RECIPE_FILE).read_text())
+    assert report["recipe"]["steps"] == 2
+    # the calibrated scaling factor went into config.json, so FrozenVAE.load reads it back
+    assert cached.scaling_factor == pytest.approx(report["scaling_factor"])
+    assert cached.latent_channels == 4 and cached.downsample_factor == 8
+    assert cached.encode(random_images(1, 24, 24)).shape == (1, 4, 3, 3)
+
+
+def test_changed_recipe_changes_the_cache_folder(tmp_path, monkeypatch):
+    default = embedded.embedded_vae_directory(tmp_path)
+
+    assert default.parent == tmp_path
+    assert embedded.embedded_vae_directory(tmp_path, steps=embedded.DEFAULT_STEPS + 1) != default
+    assert embedded.embedded_vae_directory(tmp_path, seed=embedded.TRAINING_SEED + 1) != default
+    monkeypatch.setattr(embedded, "LEARNING_RATE", embedded.LEARNING_RATE / 2)
+    assert embedded.embedded_vae_directory(tmp_path) != default
+
+
+def test_cache_dir_defaults_to_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFGEN_CACHE", str(tmp_path))
+
+    assert embedded.embedded_vae_directory().parent == tmp_path
