@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,9 @@ from infgen.vae import FrozenVAE
 # Bump when the training code changes in a way the constants below do not capture: it invalidates old caches.
 RECIPE_VERSION = 1
 
-# A 4-level SD-style AutoencoderKL: 3 downsamplings → KL-f8, 4 latent channels, 3.9M parameters. SD-VAE is the
-# same layout at (128, 256, 512, 512) widths and 2 layers per block (84M); this is what 2 CPU cores can train in
-# minutes. Shallower (2-level) configs are slower, not faster: mid-block attention then runs at /2 resolution.
+# A 4-level SD-style AutoencoderKL: 3 downsamplings → KL-f8, 4 latent channels, 3.9M parameters. SD-VAE has
+# the same layout at widths (128, 256, 512, 512) with 2 layers per block (84M); this is what 2 CPU cores can
+# train in minutes. Shallower (2-level) configs are slower, not faster: mid-block attention runs at /2 scale.
 AUTOENCODER_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
@@ -152,7 +153,9 @@ def _train(steps: int, seed: int, log: Callable[[str], None]):
         autoencoder = AutoencoderKL(**AUTOENCODER_CONFIG)
         autoencoder.train()
         optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(step, steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(_learning_rate_factor, total_steps=steps)
+        )
         started = time.perf_counter()
         running_loss = 0.0
         for step in range(1, steps + 1):
@@ -248,7 +251,7 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def _save_atomically(autoencoder, folder: Path, report: dict, log: Callable[[str], None]) -> None:
-    """save_pretrained into a temporary sibling, then rename: a killed run never leaves a half-written cache."""
+    """save_pretrained into a temporary sibling, then rename it: a killed run leaves no half-written cache."""
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         autoencoder.save_pretrained(temporary, safe_serialization=True)

@@ -91,7 +91,7 @@ def _pick_colour(rng: np.random.Generator, palette: np.ndarray) -> np.ndarray:
     return np.clip(colour, 0.0, 1.0).astype(np.float32)
 
 
-def _gradient_background(rng: np.random.Generator, palette: np.ndarray, height: int, width: int) -> np.ndarray:
+def _gradient_background(rng: np.random.Generator, palette: np.ndarray, height: int, width: int):
     """A linear two-colour gradient along a random direction, bent by a coarse 3×3 colour field: (3, H, W).
 
     Everything here is smooth, so it is computed on a small grid and upsampled bicubically: the cost at full
@@ -191,7 +191,8 @@ def _render_fill(params: dict, top: int, left: int, height: int, width: int, sho
         # Linear lighting falloff, 1 at the box centre: a row ramp plus a column ramp costs one full pass.
         angle, strength = params["shading_angle"], params["shading_strength"] / short_side
         centre_y, centre_x = top + height / 2.0, left + width / 2.0
-        shade = (1.0 + strength * np.cos(angle) * (xs - centre_x)) + strength * np.sin(angle) * (ys - centre_y)
+        slope_x, slope_y = strength * np.cos(angle), strength * np.sin(angle)
+        shade = (1.0 + slope_x * (xs - centre_x)) + slope_y * (ys - centre_y)
         return colour_a[:, None, None] * shade  # (3, h, w)
 
     period = max(params["period"] * short_side, MIN_TEXTURE_PERIOD_PX)

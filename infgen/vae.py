@@ -1,9 +1,9 @@
 """The frozen KL-f8 VAE around InfGen: its encoder makes the training latents, its decoder is the baseline.
 
 InfGen replaces only the decoder; the encoder stays the latent-diffusion model's own, so that diffusion
-latents plug in unchanged (infgen-paper.md §1.2). For the SD-1.x family (DiT, SiT, SD1.5) that is the encoder of
-`stabilityai/sd-vae-ft-ema` (scaling factor 0.18215); SDXL has its own VAE (0.13025). The scaling and shift are
-read from the VAE's config, never hard-coded, so one class serves every latent space.
+latents plug in unchanged (infgen-paper.md §1.2). For the SD-1.x family (DiT, SiT, SD1.5) that is the
+encoder of `stabilityai/sd-vae-ft-ema` (scaling factor 0.18215); SDXL has its own VAE (0.13025). Scaling and
+shift are read from the VAE's config, never hard-coded, so one class serves every latent space.
 
 Latents follow the diffusers/DiT convention: `(posterior - shift_factor) * scaling_factor`, which is what a
 diffusion model samples, so `decode(encode(x))` and `decode(diffusion_sample)` mean the same thing.
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 VAE_CONFIG_NAME = "config.json"
 PIPELINE_VAE_SUBFOLDER = "vae"  # where a full diffusers pipeline keeps its VAE
-# Images past this magnitude are almost surely in [0, 1]·255 or uint8 units, not [-1, 1]. It is loose on purpose:
-# bicubic resizing overshoots [-1, 1] a little and that input is fine.
+# Images past this magnitude are almost surely in [0, 255] units, not [-1, 1]. The bound is loose on purpose:
+# bicubic resizing overshoots [-1, 1] a little, and that input is fine.
 IMAGE_MAGNITUDE_LIMIT = 1.5
 
 
@@ -121,7 +121,11 @@ class FrozenVAE:
         """
         _check_images(images)
         height, width = images.shape[-2:]
-        padded_height, padded_width = (side * self._downsample_factor for side in self.latent_size(height, width))
+        latent_height, latent_width = self.latent_size(height, width)
+        padded_height, padded_width = (
+            latent_height * self._downsample_factor,
+            latent_width * self._downsample_factor,
+        )
         images = images.to(device=self.device, dtype=self.dtype)
         if (padded_height, padded_width) != (height, width):
             # replicate, not zeros: a black border would bleed into the edge latents
@@ -132,7 +136,7 @@ class FrozenVAE:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) → images (B, 3, 8h, 8w) in [-1, 1], float32: the stock-decoder baseline."""
+        """Scaled latents (B, C, h, w) → images (B, 3, 8h, 8w) in [-1, 1], float32: the stock decoder."""
         _check_latents(latents, self.latent_channels)
         latents = latents.float() / self._scaling_factor + self._shift_factor
         images = self.autoencoder.decode(latents.to(device=self.device, dtype=self.dtype)).sample
@@ -141,16 +145,14 @@ class FrozenVAE:
 
 def _is_pipeline_directory(path: Path) -> bool:
     """A diffusers pipeline directory: no VAE config at the top, one in `vae/`."""
-    return not (path / VAE_CONFIG_NAME).is_file() and (path / PIPELINE_VAE_SUBFOLDER / VAE_CONFIG_NAME).is_file()
+    has_top_config = (path / VAE_CONFIG_NAME).is_file()
+    return not has_top_config and (path / PIPELINE_VAE_SUBFOLDER / VAE_CONFIG_NAME).is_file()
 
 
 def _looks_like_local_path(source: str) -> bool:
     """True for strings that cannot be a hub id ("name" or "owner/name")."""
     return (
-        Path(source).is_absolute()
-        or source.startswith((".", "~"))
-        or source.count("/") > 1
-        or "\\" in source
+        Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1 or "\\" in source
     )
 
 
@@ -160,7 +162,7 @@ def _check_images(images: torch.Tensor) -> None:
     if images.ndim != 4:
         raise ValueError(f"images must be 4-D (B, 3, H, W), got shape {tuple(images.shape)}")
     if images.shape[1] != 3:
-        raise ValueError(f"images must have 3 channels in dim 1 (B, 3, H, W), got shape {tuple(images.shape)}")
+        raise ValueError(f"images must have 3 channels (B, 3, H, W), got shape {tuple(images.shape)}")
     if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
         raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
     if not images.is_floating_point():
@@ -169,7 +171,7 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError("images contain NaN or infinite values")
     magnitude = images.abs().max().item()
     if magnitude > IMAGE_MAGNITUDE_LIMIT:
-        raise ValueError(f"images must be in [-1, 1], got max |value| {magnitude:.3g} (uint8 or [0, 255] input?)")
+        raise ValueError(f"images must be in [-1, 1], got max |value| {magnitude:.3g} ([0, 255] input?)")
 
 
 def _check_latents(latents: torch.Tensor, channels: int) -> None:

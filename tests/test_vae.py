@@ -16,6 +16,16 @@ SCALING_FACTOR = 0.5  # deliberately not 0.18215: proves the value comes from co
 SHIFT_FACTOR = 0.1
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One torch thread: these models are tiny, and on a busy 2-core machine a second OpenMP thread that
+    spin-waits for a core made each call ~100× slower (3 s instead of 10 ms) in measurements here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vae_directory(tmp_path_factory):
     """A tiny randomly initialised KL-f8 AutoencoderKL saved with save_pretrained."""

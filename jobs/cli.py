@@ -1,0 +1,58 @@
+"""The `infgen` command.
+
+    infgen decode --checkpoint CKPT --latents FILE.npy --size 2160x3840 --out out.png [--vae VAE_DIR]
+    infgen demo [--run-dir runs/demo]
+
+Subcommands import their heavy dependencies only when they run, so `infgen --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infgen", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    decode = commands.add_parser("decode", help="decode latents to images of any size")
+    decode.add_argument("--checkpoint", required=True, help="InfGen checkpoint directory (config.json + weights)")
+    decode.add_argument("--latents", required=True, help=".npy of shape (C, h, w) or (B, C, h, w), scaled")
+    decode.add_argument("--size", required=True, help="output HEIGHTxWIDTH, e.g. 2160x3840")
+    decode.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
+    decode.add_argument(
+        "--vae",
+        help="frozen VAE (diffusers dir or hub id) for re-encoding: needed only beyond the training range",
+    )
+    decode.add_argument("--device", default="cpu")
+    decode.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    decode.add_argument("--query-chunk", type=int, default=16384, help="mask tokens decoded at once")
+    decode.add_argument("--tile-cells", type=int, default=64, help="pixel-decoder tile side, in 8-px cells")
+
+    demo = commands.add_parser("demo", help="train a tiny decoder on the embedded data and decode with it")
+    demo.add_argument("--run-dir", default="runs/demo")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "decode":
+            from jobs.decode_command import run_decode
+
+            run_decode(args)
+        elif args.command == "demo":
+            from jobs.demo import run_demo
+
+            run_demo(run_dir=args.run_dir, steps=args.steps)
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input is the user's to fix: say what is wrong, without a traceback through our internals.
+        print(f"infgen {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

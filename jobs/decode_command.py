@@ -1,0 +1,63 @@
+"""`infgen decode`: latents file in, PNG(s) of the requested size out."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import infgen
+from infgen.decode import extrapolation_sizes, parse_size
+from infgen.images import save_png
+
+
+def load_latents(path: str | Path) -> torch.Tensor:
+    """(C, h, w) or (B, C, h, w) float array from a .npy file, as a (B, C, h, w) float32 tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latents file {path} does not exist")
+    if path.suffix != ".npy":
+        raise ValueError(f"latents file {path} is not a .npy file")
+    array = np.load(path, allow_pickle=False)  # never unpickle: a .npy from elsewhere is untrusted
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise ValueError(f"latents in {path} have shape {array.shape}; expected (C, h, w) or (B, C, h, w)")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"latents in {path} have dtype {array.dtype}; expected a float array")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def run_decode(args: argparse.Namespace) -> list[Path]:
+    size = parse_size(args.size)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = infgen.load(args.checkpoint, device=args.device, dtype=dtype)
+    latents = load_latents(args.latents)
+    options = {"query_chunk": args.query_chunk, "tile_cells": args.tile_cells}
+    steps = extrapolation_sizes(tuple(latents.shape[2:]), size, model.config.in_distribution_scale)
+    started = time.perf_counter()
+    if len(steps) > 1:
+        if not args.vae:
+            raise ValueError(
+                f"size {size[0]}x{size[1]} is beyond this decoder's training range "
+                f"({model.config.in_distribution_scale}x the latent's {latents.shape[2] * 8}x{latents.shape[3] * 8}):"
+                f" pass --vae so it can extrapolate in {len(steps)} steps {steps}"
+            )
+        from infgen.vae import FrozenVAE
+
+        vae = FrozenVAE.load(args.vae, device=args.device, dtype=dtype)
+        print(f"extrapolating in {len(steps)} steps: {' -> '.join(f'{h}x{w}' for h, w in steps)}")
+        images = infgen.extrapolate(model, vae, latents, size, **options)
+    else:
+        images = infgen.decode(model, latents, size, **options)
+    elapsed = time.perf_counter() - started
+    out = Path(args.out)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        save_png(image, path)
+        print(f"wrote {path} ({size[0]}x{size[1]})")
+    print(f"decoded {len(images)} image(s) in {elapsed:.2f} s on {args.device}")
+    return paths
