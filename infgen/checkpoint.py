@@ -24,7 +24,9 @@ def save(model: InfGen, directory: str | Path, metadata: dict | None = None) -> 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # contiguous clones: safetensors refuses views and shared storage
-    state = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
+    state = {
+        name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()
+    }
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     sidecar = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), "metadata": metadata or {}}
     # Written last: a directory with config.json is complete even if a crash hit mid-save.

@@ -44,7 +44,9 @@ def validate_request(model: InfGen, latents: torch.Tensor, size: tuple[int, int]
     if not isinstance(latents, torch.Tensor):
         raise ValueError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
     if latents.ndim != 4:
-        raise ValueError(f"latents must have shape (batch, channels, height, width), got {tuple(latents.shape)}")
+        raise ValueError(
+            f"latents must have shape (batch, channels, height, width), got {tuple(latents.shape)}"
+        )
     if latents.shape[1] != config.latent_channels:
         raise ValueError(
             f"latents have {latents.shape[1]} channels but this decoder expects {config.latent_channels} "
@@ -52,7 +54,9 @@ def validate_request(model: InfGen, latents: torch.Tensor, size: tuple[int, int]
         )
     patch = config.latent_patch_size
     if latents.shape[2] % patch or latents.shape[3] % patch or min(latents.shape[2:]) < 1:
-        raise ValueError(f"latent grid {tuple(latents.shape[2:])} is not a positive multiple of patch {patch}")
+        raise ValueError(
+            f"latent grid {tuple(latents.shape[2:])} is not a positive multiple of patch {patch}"
+        )
     if not latents.is_floating_point():
         raise ValueError(f"latents must be floating point, got {latents.dtype}")
     bad = (~torch.isfinite(latents)).sum().item()

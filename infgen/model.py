@@ -45,14 +45,16 @@ class InfGenConfig:
 
     def __post_init__(self):
         if self.width % self.num_heads:
-            raise ValueError(f"InfGenConfig.width={self.width} is not divisible by num_heads={self.num_heads}")
+            raise ValueError(
+                f"InfGenConfig.width={self.width} is not divisible by num_heads={self.num_heads}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> InfGenConfig:
-        """Inverse of to_dict. Unknown keys are an error, so a config from a newer version never half-loads."""
+        """Inverse of to_dict. Unknown keys are an error: a config from a newer version never half-loads."""
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -77,7 +79,9 @@ PRESETS: dict[str, InfGenConfig] = {
         latent_blocks=1,
         query_blocks=2,
         inpe=INPEConfig(num_frequencies=64, frequency_scale=4.0),
-        decoder=PixelDecoderConfig(in_channels=8, channels=(24, 48, 96, 96), blocks_per_level=1, mid_blocks=1),
+        decoder=PixelDecoderConfig(
+            in_channels=8, channels=(24, 48, 96, 96), blocks_per_level=1, mid_blocks=1
+        ),
     ),
     # 35M parameters: a model that trains on a single GPU.
     "base": InfGenConfig(
@@ -268,7 +272,10 @@ class InfGen(nn.Module):
         total = rows * cols
         chunk = total if not query_chunk else query_chunk
         tokens = torch.cat(
-            [self.decode_tokens(keys_values, coords[start : start + chunk]) for start in range(0, total, chunk)],
+            [
+                self.decode_tokens(keys_values, coords[start : start + chunk])
+                for start in range(0, total, chunk)
+            ],
             dim=1,
         )  # (B, rows·cols, C_tok)
         return tokens.transpose(1, 2).reshape(latents.shape[0], -1, rows, cols)

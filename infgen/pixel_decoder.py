@@ -35,7 +35,7 @@ class PixelDecoderConfig:
     def __post_init__(self):
         if 2 ** (len(self.channels) - 1) != UPSAMPLE_FACTOR:
             raise ValueError(
-                f"PixelDecoderConfig.channels needs 4 levels for a x{UPSAMPLE_FACTOR} decoder, got {self.channels}"
+                f"PixelDecoderConfig.channels needs 4 levels (x{UPSAMPLE_FACTOR}), got {self.channels}"
             )
 
 

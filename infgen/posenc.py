@@ -25,7 +25,9 @@ class INPEConfig:
     frequency_seed: int = 0  # B is a fixed buffer drawn from this seed, so checkpoints need not store it
     longitude_span: float = math.pi  # x̂ ∈ [0, 1] maps to longitudes in [-span/2, span/2]
     latitude_span: float = math.pi / 2  # ŷ ∈ [0, 1] maps to latitudes in [-span/2, span/2]
-    cell_centres: bool = True  # (i + 0.5) / n lines up grids of different sizes; False gives the bare i / n form
+    cell_centres: bool = (
+        True  # (i + 0.5) / n lines up grids of different sizes; False gives the bare i / n form
+    )
 
 
 def normalized_grid(
@@ -73,7 +75,7 @@ class INPE(nn.Module):
         self.config = config
         generator = torch.Generator().manual_seed(config.frequency_seed)
         frequencies = torch.randn(config.num_frequencies, 3, generator=generator, dtype=torch.float64)
-        # Not a parameter and not saved: it is rebuilt from the seed, so it never drifts or bloats checkpoints.
+        # Not a parameter and not saved: rebuilt from the seed, it never drifts or bloats checkpoints.
         self.register_buffer("frequencies", frequencies * config.frequency_scale, persistent=False)
         self.mlp = nn.Sequential(
             nn.Linear(2 * config.num_frequencies, width),

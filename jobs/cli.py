@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     decode = commands.add_parser("decode", help="decode latents to images of any size")
-    decode.add_argument("--checkpoint", required=True, help="InfGen checkpoint directory (config.json + weights)")
+    decode.add_argument(
+        "--checkpoint", required=True, help="InfGen checkpoint directory (config.json + weights)"
+    )
     decode.add_argument("--latents", required=True, help=".npy of shape (C, h, w) or (B, C, h, w), scaled")
     decode.add_argument("--size", required=True, help="output HEIGHTxWIDTH, e.g. 2160x3840")
     decode.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Progress lines must show up live even when piped to `tee` or collected by `ray job logs`.
+    sys.stdout.reconfigure(line_buffering=True)
     try:
         if args.command == "decode":
             from jobs.decode_command import run_decode

@@ -43,7 +43,8 @@ def run_decode(args: argparse.Namespace) -> list[Path]:
         if not args.vae:
             raise ValueError(
                 f"size {size[0]}x{size[1]} is beyond this decoder's training range "
-                f"({model.config.in_distribution_scale}x the latent's {latents.shape[2] * 8}x{latents.shape[3] * 8}):"
+                f"({model.config.in_distribution_scale}x the latent's "
+                f"{latents.shape[2] * 8}x{latents.shape[3] * 8}):"
                 f" pass --vae so it can extrapolate in {len(steps)} steps {steps}"
             )
         from infgen.vae import FrozenVAE
@@ -55,7 +56,11 @@ def run_decode(args: argparse.Namespace) -> list[Path]:
         images = infgen.decode(model, latents, size, **options)
     elapsed = time.perf_counter() - started
     out = Path(args.out)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    paths = (
+        [out]
+        if len(images) == 1
+        else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    )
     for image, path in zip(images, paths):
         save_png(image, path)
         print(f"wrote {path} ({size[0]}x{size[1]})")

@@ -76,7 +76,9 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int | None = None) -> dic
         schedule.step()
         if step % 50 == 0 or step == steps:
             print(f"demo: step {step}/{steps}  L1 {loss.item():.4f}  {time.perf_counter() - started:.0f} s")
-    checkpoint = infgen.save(model, run_dir / "decoder", {"steps": steps, "task": "demo 8x8 latent -> <=128^2"})
+    checkpoint = infgen.save(
+        model, run_dir / "decoder", {"steps": steps, "task": "demo 8x8 latent -> <=128^2"}
+    )
 
     # Held-out images: InfGen at 2× against the stock decoder + bicubic, the baseline a user has today.
     holdout = crops(seed=HOLDOUT_SEED, count=8, side=128)
@@ -93,7 +95,10 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int | None = None) -> dic
         row = torch.cat([holdout[index], baseline[index], ours[index]], dim=2)  # truth | baseline | InfGen
         save_png(row, run_dir / f"holdout_{index}_truth_baseline_infgen.png")
     for height, width in SHOWCASE_SIZES:
-        save_png(infgen.decode(model, holdout_latents[:1], (height, width))[0], run_dir / f"any_{height}x{width}.png")
+        save_png(
+            infgen.decode(model, holdout_latents[:1], (height, width))[0],
+            run_dir / f"any_{height}x{width}.png",
+        )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"demo: results in {run_dir.resolve()}")

@@ -6,3 +6,23 @@ import torch
 def _seed():
     # Every test starts from the same RNG state, so a failure reproduces exactly.
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_directory(tmp_path_factory):
+    """A tiny randomly initialised KL-f8 AutoencoderKL saved with save_pretrained (real diffusers format)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4,  # 4 levels → 3 downsamplings → ×8
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 8, 8],
+        norm_num_groups=4,
+        layers_per_block=1,
+        latent_channels=4,
+        scaling_factor=0.5,
+    )
+    directory = tmp_path_factory.mktemp("tiny_vae")
+    autoencoder.save_pretrained(directory)
+    return directory

@@ -1,0 +1,95 @@
+"""Checkpoints round-trip without pickle; `infgen decode` writes the requested size; extrapolation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import infgen
+from infgen.model import InfGen, preset
+from infgen.vae import FrozenVAE
+from jobs.cli import main
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = InfGen(preset("tiny", in_distribution_scale=2.0))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)  # not the fresh init: a real round trip
+    return model.eval(), infgen.save(model, tmp_path / "decoder", {"step": 7})
+
+
+def test_checkpoint_round_trip(checkpoint):
+    model, directory = checkpoint
+    loaded = infgen.load(directory)
+    latents = torch.randn(1, 4, 6, 5)
+    assert torch.equal(model(latents, (40, 56)), loaded(latents, (40, 56)))
+    assert loaded.config == model.config
+    sidecar = json.loads((directory / "config.json").read_text())
+    assert sidecar["metadata"] == {"step": 7} and sidecar["config"]["width"] == model.config.width
+    assert set(load_file(directory / "model.safetensors")) == set(model.state_dict())
+    assert infgen.load(directory / "model.safetensors").config == model.config  # the weights file works too
+
+
+def test_loading_a_broken_checkpoint_names_the_problem(checkpoint, tmp_path):
+    _, directory = checkpoint
+    with pytest.raises(FileNotFoundError, match="not an InfGen checkpoint"):
+        infgen.load(tmp_path / "nowhere")
+    sidecar = json.loads((directory / "config.json").read_text())
+    sidecar["config"]["width"] = 64  # weights no longer fit the config
+    sidecar["config"]["num_heads"] = 4
+    (directory / "config.json").write_text(json.dumps(sidecar))
+    with pytest.raises((ValueError, RuntimeError), match="size mismatch|does not match"):
+        infgen.load(directory)
+    sidecar["config"]["colour"] = "blue"
+    (directory / "config.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ValueError, match="unknown InfGenConfig keys"):
+        infgen.load(directory)
+
+
+def test_decode_command_writes_the_requested_size(checkpoint, tmp_path):
+    _, directory = checkpoint
+    np.save(tmp_path / "z.npy", np.random.default_rng(0).standard_normal((2, 4, 6, 5)).astype(np.float32))
+    code = main(
+        ["decode", "--checkpoint", str(directory), "--latents", str(tmp_path / "z.npy"), "--size", "45x30"]
+        + ["--out", str(tmp_path / "out.png")]
+    )
+    assert code == 0
+    for index in range(2):
+        with Image.open(tmp_path / f"out_{index}.png") as image:
+            assert image.size == (30, 45) and image.mode == "RGB"
+
+
+def test_decode_command_reports_bad_input(checkpoint, tmp_path, capsys):
+    _, directory = checkpoint
+    np.save(tmp_path / "z.npy", np.zeros((3, 6, 5), dtype=np.float32))
+    args = ["decode", "--checkpoint", str(directory), "--latents", str(tmp_path / "z.npy"), "--out", "x.png"]
+    assert main([*args, "--size", "45x30"]) == 2
+    assert "3 channels" in capsys.readouterr().err
+    assert main([*args, "--size", "45by30"]) == 2
+    assert "HEIGHTxWIDTH" in capsys.readouterr().err
+    np.save(tmp_path / "z.npy", np.zeros((4, 6, 5), dtype=np.float32))
+    assert main([*args, "--size", "200x200"]) == 2  # 200 > 2 × 48: beyond the range without --vae
+    assert "--vae" in capsys.readouterr().err
+
+
+def test_extrapolation_re_encodes_with_the_frozen_vae(checkpoint, tiny_vae_directory, tmp_path):
+    model, directory = checkpoint
+    vae = FrozenVAE.load(tiny_vae_directory)
+    calls = []
+    encode = vae.encode
+    vae.encode = lambda images: calls.append(tuple(images.shape[2:])) or encode(images)
+    latents = torch.randn(1, 4, 4, 4)  # 32² base, in-distribution up to 64²
+    images = infgen.extrapolate(model, vae, latents, (256, 200))
+    assert images.shape == (1, 3, 256, 200)
+    assert calls == [(64, 50), (128, 100)]  # ×2 per step after one in-range decode
+    np.save(tmp_path / "z.npy", latents.numpy())
+    code = main(
+        ["decode", "--checkpoint", str(directory), "--latents", str(tmp_path / "z.npy"), "--size", "256x200"]
+        + ["--out", str(tmp_path / "big.png"), "--vae", str(tiny_vae_directory)]
+    )
+    assert code == 0 and Image.open(tmp_path / "big.png").size == (200, 256)
