@@ -217,6 +217,24 @@ def test_embedded_vae_trains_once_then_loads_from_cache(tmp_path, quick_recipe):
     assert cached.encode(random_images(1, 24, 24)).shape == (1, 4, 3, 3)
 
 
+def test_average_pool_init_starts_as_an_8x8_average_pool_codec():
+    from diffusers import AutoencoderKL
+
+    autoencoder = AutoencoderKL(**embedded.AUTOENCODER_CONFIG)
+    embedded._average_pool_init(autoencoder)
+    images = random_images(2, 32, 48)
+
+    with torch.no_grad():
+        posterior = autoencoder.encode(images).latent_dist
+        reconstruction = autoencoder.decode(posterior.mean).sample
+
+    pooled = torch.nn.functional.avg_pool2d(images, 8)  # (2, 3, 4, 6)
+    torch.testing.assert_close(posterior.mean[:, :3], pooled, atol=0.02, rtol=0)
+    expected = torch.nn.functional.interpolate(pooled, scale_factor=8, mode="nearest")
+    torch.testing.assert_close(reconstruction, expected, atol=0.05, rtol=0)
+    assert posterior.std.max() < 0.01  # near-deterministic from the start
+
+
 def test_changed_recipe_changes_the_cache_folder(tmp_path, monkeypatch):
     default = embedded.embedded_vae_directory(tmp_path)
 
