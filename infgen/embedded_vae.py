@@ -5,6 +5,11 @@ Use it only when no real SD-VAE weights are reachable (no network, no local copy
 (latent caching, InfGen training, decode, extrapolation) runs unchanged, but its latents are NOT SD latents:
 a diffusion model's samples mean nothing to it, and image quality is far below SD-VAE.
 
+It starts as an exact 8×8 average-pool encoder with a nearest-neighbour decoder (see _average_pool_init) and
+training smooths and sharpens that. Measured with the defaults (600 steps, ~3 min on one busy CPU core): PSNR
+~30 dB on held-out synthetic 128² images and 18.7 dB on skimage's astronaut at 256² (SD-VAE: ~25 dB class);
+the result reads as an 8× blurred copy of the input, which is what the 4 × H/8 × W/8 latent can hold here.
+
 The trained weights are written with `save_pretrained` into a folder named after a hash of the recipe, and
 then loaded with `FrozenVAE.load`, the same code path as real weights. A recipe change (config, steps, seed,
 any constant below) gives a new folder, so a stale cache is never reused.
@@ -381,6 +386,7 @@ def _save_atomically(autoencoder, folder: Path, report: dict, log: Callable[[str
     try:
         autoencoder.save_pretrained(temporary, safe_serialization=True)
         (temporary / RECIPE_FILE).write_text(json.dumps(report, indent=2, sort_keys=True))
+        temporary.chmod(0o755)  # mkdtemp makes it private; the finished cache is an ordinary directory
         try:
             temporary.rename(folder)
         except OSError:

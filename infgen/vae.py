@@ -77,7 +77,10 @@ class FrozenVAE:
         else:
             pretrained_name = str(source)  # hub id, e.g. "stabilityai/sd-vae-ft-ema"
 
-        autoencoder = AutoencoderKL.from_pretrained(pretrained_name, subfolder=subfolder, torch_dtype=dtype)
+        # low_cpu_mem_usage=False: the default needs `accelerate`; without it diffusers warns on every load
+        autoencoder = AutoencoderKL.from_pretrained(
+            pretrained_name, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False
+        )
         source_name = str(path / subfolder) if path.exists() and subfolder else pretrained_name
         return cls(autoencoder.to(device), source=source_name)
 
