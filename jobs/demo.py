@@ -28,8 +28,8 @@ from infgen.synthetic import make_image
 
 INPUT_SIDE = 64  # encoder input: 64² → an 8×8 latent (the paper: 512² → 64×64)
 TARGET_SIZES = [(64, 64), (96, 96), (128, 128), (96, 128), (128, 96)]  # bucketed, ≤ 2× like stage 1
-DEFAULT_STEPS = 400
-BATCH_SIZE = 8
+DEFAULT_STEPS = 300
+BATCH_SIZE = 4
 LEARNING_RATE = 1e-3
 TRAIN_IMAGES = 256  # crops encoded once up front: the frozen encoder never changes, so neither do latents
 HOLDOUT_SEED = 10_000_000  # far from training seeds
