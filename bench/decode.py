@@ -136,8 +136,9 @@ def run_case(case: dict, args: argparse.Namespace) -> dict:
     argv = [sys.executable, __file__, "--child", json.dumps(case), "--threads", str(args.threads)]
     argv += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
-    if proc.returncode:  # negative: killed by a signal, most likely the kernel's out-of-memory killer
-        return {"error": f"failed: exit code {proc.returncode}"}
+    if proc.returncode:  # killed by SIGKILL (9): most likely the kernel's out-of-memory killer
+        code = proc.returncode
+        return {"error": f"failed: killed by signal {-code}" if code < 0 else f"failed: exit code {code}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
