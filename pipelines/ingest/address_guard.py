@@ -46,7 +46,9 @@ def system_resolver(host: str) -> list[str]:
 class AddressGuard:
     """`guard(url)` → "" to allow, or the reason the URL is refused. Host decisions are cached."""
 
-    def __init__(self, allow_hosts: Iterable[str] = (), resolver: Callable[[str], list[str]] = system_resolver):
+    def __init__(
+        self, allow_hosts: Iterable[str] = (), resolver: Callable[[str], list[str]] = system_resolver
+    ):
         self.allow_hosts = {host.lower() for host in allow_hosts}
         self.resolver = resolver
         self._host_problem = lru_cache(maxsize=1_000_000)(self._problem_for_host)

@@ -32,7 +32,19 @@ from PIL import Image
 
 from infgen.synthetic import make_image
 
-KINDS = ("ok", "small", "lie", "missing", "truncated", "corrupt", "slow", "redirect", "duplicate", "bad_url", "private")
+KINDS = (
+    "ok",
+    "small",
+    "lie",
+    "missing",
+    "truncated",
+    "corrupt",
+    "slow",
+    "redirect",
+    "duplicate",
+    "bad_url",
+    "private",
+)
 LIE_SIDE = 640  # what a lying row really serves: well under 2 MP
 
 

@@ -74,7 +74,9 @@ def aspect_ratio(frame: pd.DataFrame, config: FilterConfig) -> np.ndarray:
 
 
 def aesthetic(frame: pd.DataFrame, config: FilterConfig) -> np.ndarray:
-    return (_numeric(frame, config.columns.aesthetic) >= config.min_aesthetic).fillna(False).to_numpy(dtype=bool)
+    return (
+        (_numeric(frame, config.columns.aesthetic) >= config.min_aesthetic).fillna(False).to_numpy(dtype=bool)
+    )
 
 
 def punsafe(frame: pd.DataFrame, config: FilterConfig) -> np.ndarray:
@@ -117,6 +119,9 @@ def selection_order(urls: pd.Series, seed: int) -> np.ndarray:
     """
     prefix = f"{seed}:".encode()
     return np.array(
-        [int.from_bytes(hashlib.blake2b(prefix + url.encode(), digest_size=8).digest(), "big") for url in urls],
+        [
+            int.from_bytes(hashlib.blake2b(prefix + url.encode(), digest_size=8).digest(), "big")
+            for url in urls
+        ],
         dtype=np.uint64,
     )
