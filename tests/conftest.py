@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+# Deliberately not SD's 0.18215 / 0: tests can tell values read from config.json from defaults.
+TINY_VAE_SCALING_FACTOR = 0.5
+TINY_VAE_SHIFT_FACTOR = 0.1
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -21,7 +25,8 @@ def tiny_vae_directory(tmp_path_factory):
         norm_num_groups=4,
         layers_per_block=1,
         latent_channels=4,
-        scaling_factor=0.5,
+        scaling_factor=TINY_VAE_SCALING_FACTOR,
+        shift_factor=TINY_VAE_SHIFT_FACTOR,
     )
     directory = tmp_path_factory.mktemp("tiny_vae")
     autoencoder.save_pretrained(directory)

@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VAE_SCALING_FACTOR as SCALING_FACTOR
+from conftest import TINY_VAE_SHIFT_FACTOR as SHIFT_FACTOR
 
 import infgen.embedded_vae as embedded
 from infgen.synthetic import make_image, make_images
 from infgen.vae import FrozenVAE
-
-SCALING_FACTOR = 0.5  # deliberately not 0.18215: proves the value comes from config.json
-SHIFT_FACTOR = 0.1
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,24 +26,8 @@ def single_thread():
 
 
 @pytest.fixture(scope="module")
-def vae_directory(tmp_path_factory):
-    """A tiny randomly initialised KL-f8 AutoencoderKL saved with save_pretrained."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 4,  # 4 levels → 3 downsamplings → ×8
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 8, 8, 8],
-        norm_num_groups=4,
-        layers_per_block=1,
-        latent_channels=4,
-        scaling_factor=SCALING_FACTOR,
-        shift_factor=SHIFT_FACTOR,
-    )
-    directory = tmp_path_factory.mktemp("tiny_vae")
-    autoencoder.save_pretrained(directory)
-    return directory
+def vae_directory(tiny_vae_directory):
+    return tiny_vae_directory
 
 
 @pytest.fixture(scope="module")
