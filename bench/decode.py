@@ -118,8 +118,8 @@ def measure(case: dict, args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
             del out  # the next call must not find the previous image still alive
-    except torch.cuda.OutOfMemoryError:
-        return {"error": "out of memory"}
+    except RuntimeError as error:  # CUDA out of memory, or a kernel's size limit (2³¹ elements) at 4096²
+        return {"error": "failed: " + str(error).strip().splitlines()[0][:80]}
     median = lambda values: statistics.median(values[args.warmup :])  # noqa: E731
     result = {"seconds": median(times), "peak_mib": (peak_bytes() - before) / 2**20}
     return result if cuda else {**result, "cpu_seconds": median(cpu_times)}  # CUDA: host time says nothing
