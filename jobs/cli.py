@@ -2,6 +2,7 @@
 
     infgen decode --checkpoint CKPT --latents FILE.npy --size 2160x3840 --out out.png [--vae VAE_DIR]
     infgen demo [--run-dir runs/demo]
+    infgen ingest (--metadata META... | --embedded ROWS | --regenerate MANIFEST) --output OUT
 
 Subcommands import their heavy dependencies only when they run, so `infgen --help` is instant.
 """
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train a tiny decoder on the embedded data and decode with it")
     demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+
+    from jobs.ingest_command import add_arguments as add_ingest_arguments
+
+    ingest = commands.add_parser("ingest", help="metadata → verified >2 MP images in Parquet shards (Ray)")
+    add_ingest_arguments(ingest)
     return parser
 
 
@@ -51,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.demo import run_demo
 
             run_demo(run_dir=args.run_dir, steps=args.steps)
+        elif args.command == "ingest":
+            from jobs.ingest_command import run_ingest_command
+
+            run_ingest_command(args)
     except (ValueError, FileNotFoundError) as error:
         # Bad input is the user's to fix: say what is wrong, without a traceback through our internals.
         print(f"infgen {args.command}: error: {error}", file=sys.stderr)

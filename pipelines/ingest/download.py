@@ -1,0 +1,58 @@
+"""Download the selection with img2dataset on Ray.
+
+img2dataset runs its reader and logger here, on the driver, and one Ray task per shard of
+`samples_per_shard` rows (`distributor="ray"`; ecosystem.md §1.3). Its incremental mode skips shards whose
+`NNNNN_stats.json` exists, which is what makes a killed run resumable: the rerun redoes only unfinished
+shards under the same keys, because the selection (its input) is byte-for-byte the same.
+
+Bytes are stored as fetched (`disable_all_reencoding`): nothing is resized or re-encoded, the original file
+is kept whatever its format, and the only decode happens in verification, behind the decompression-bomb
+guard (img2dataset's own OpenCV decode has none).
+"""
+
+from __future__ import annotations
+
+from pipelines.ingest.config import DownloadConfig
+from pipelines.ingest.filters import ColumnMap
+
+# img2dataset refuses these as extra column names (they are its own output columns).
+_RESERVED = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status"}
+_RESERVED |= {"error_message", "exif", "md5", "sha256", "sha512"}
+
+
+def img2dataset_arguments(
+    selection_dir: str, output_dir: str, config: DownloadConfig, columns: ColumnMap, extra_columns: list[str]
+) -> dict:
+    """Keyword arguments for `img2dataset.download` (kept separate so the benchmark runs the same call)."""
+    extra = [c for c in extra_columns if c not in (columns.url, columns.caption) and c not in _RESERVED]
+    return {
+        "url_list": selection_dir,
+        "output_folder": output_dir,
+        "input_format": "parquet",
+        "url_col": columns.url,
+        "caption_col": columns.caption if columns.caption in extra_columns else None,
+        "save_additional_columns": extra,
+        "output_format": "parquet",
+        "resize_mode": "no",
+        "disable_all_reencoding": True,
+        "number_sample_per_shard": config.samples_per_shard,
+        "oom_shard_count": 5,
+        "distributor": "ray",
+        "processes_count": 1,  # ignored by the ray distributor; one task per shard
+        "thread_count": config.thread_count,
+        "timeout": config.timeout_seconds,
+        "retries": config.retries,
+        "incremental_mode": "incremental",
+        "compute_hash": "sha256",
+        "extract_exif": False,
+        "user_agent_token": config.user_agent_token,
+        # An empty list means "ignore X-Robots-Tag" to img2dataset; None means its default opt-out list.
+        "disallowed_header_directives": None if config.honour_opt_out else [],
+        "enable_wandb": False,
+    }
+
+
+def run_download(arguments: dict) -> None:
+    import img2dataset  # heavy (opencv, albumentations); only the download needs it
+
+    img2dataset.download(**arguments)

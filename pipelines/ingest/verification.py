@@ -1,0 +1,112 @@
+"""Verification: decode every downloaded image and check its real size; metadata sizes are often wrong.
+
+`verify_image` is the per-image rule. `verify_shard` turns one raw img2dataset shard into a shard of kept
+images (`images/NNNNN.parquet`) and a shard of rejects with their reasons (`rejects/NNNNN.parquet`, no bytes),
+so that every row of the shard lands in exactly one of the two.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipelines.ingest.accounting import download_failure_reason
+
+IMAGE_COLUMN = "image"
+# img2dataset stores the bytes it fetched (disable_all_reencoding) in a column named after encode_format.
+RAW_IMAGE_COLUMN = "jpg"
+REJECT_COLUMNS = ["key", "url", "stage", "reason", "detail"]
+
+
+def verify_image(data: bytes | None, min_pixels: int, max_pixels: int) -> tuple[str, int, int, str]:
+    """(reason or "", width, height, format). The declared size is checked before any pixel is decoded."""
+    if not data:
+        return "empty", 0, 0, ""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between max_pixels and 2× max_pixels and raises above; refuse both alike.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    width, height, kind = image.width, image.height, image.format or ""
+                    if width * height > max_pixels:
+                        return "decompression_bomb", width, height, kind
+                    image.load()  # the full decode: truncated and corrupt data fail here
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "decompression_bomb", 0, 0, ""
+    except Image.UnidentifiedImageError:
+        return "not_an_image", 0, 0, ""
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow reports truncation as OSError
+        return ("truncated" if "truncated" in str(error) else "decode_error"), 0, 0, ""
+    if width * height <= min_pixels:
+        return "too_few_pixels_actual", width, height, kind
+    return "", width, height, kind
+
+
+def _write(table: pa.Table, path: str, filesystem, row_group_rows: int) -> None:
+    with filesystem.open(path + ".tmp", "wb") as handle:
+        pq.write_table(table, handle, row_group_size=row_group_rows)
+    filesystem.mv(path + ".tmp", path)  # readers never see half a shard
+
+
+def verify_shard(
+    raw_path: str,
+    images_dir: str,
+    rejects_dir: str,
+    min_pixels: int,
+    max_pixels: int,
+    row_group_rows: int = 64,
+) -> dict:
+    """Verify one raw shard; returns {"shard", "kept", "rejected"}. Writes rejects first, images last, so
+    the images shard's presence marks the shard done (resume checks for it)."""
+    filesystem, path = fsspec.core.url_to_fs(raw_path)
+    with filesystem.open(path, "rb") as handle:
+        raw = pq.read_table(handle)
+    # img2dataset writes rows as its threads finish; key order makes the output the same on every run.
+    raw = raw.sort_by("key")
+    name = path.rsplit("/", 1)[-1]
+    columns = raw.column_names
+    status = raw.column("status").to_pylist()
+    messages = raw.column("error_message").to_pylist()
+    data = raw.column(RAW_IMAGE_COLUMN).to_pylist()
+    keys, urls = raw.column("key").to_pylist(), raw.column("url").to_pylist()  # img2dataset names it url
+
+    rejects = {column: [] for column in REJECT_COLUMNS}
+    kept_rows, widths, heights, formats = [], [], [], []
+    for index in range(raw.num_rows):
+        if status[index] != "success":
+            stage, reason, detail = "download", download_failure_reason(messages[index]), messages[index]
+        else:
+            reason, width, height, kind = verify_image(data[index], min_pixels, max_pixels)
+            stage, detail = "verification", f"{width}x{height}" if width else ""
+            if not reason:
+                kept_rows.append(index)
+                widths.append(width)
+                heights.append(height)
+                formats.append(kind.lower())
+                continue
+        for column, value in zip(REJECT_COLUMNS, (keys[index], urls[index], stage, reason, detail or "")):
+            rejects[column].append(value)
+
+    dropped = [c for c in ("width", "height", "original_width", "original_height", "status", "error_message")]
+    kept = raw.take(np.asarray(kept_rows, dtype=np.int64)).drop_columns([c for c in dropped if c in columns])
+    kept = kept.rename_columns([IMAGE_COLUMN if c == RAW_IMAGE_COLUMN else c for c in kept.column_names])
+    kept = kept.append_column("width", pa.array(widths, pa.int32()))
+    kept = kept.append_column("height", pa.array(heights, pa.int32()))
+    kept = kept.append_column("format", pa.array(formats, pa.string()))
+    reject_table = pa.table({c: pa.array(v, pa.string()) for c, v in rejects.items()})
+
+    out_fs, images_root = fsspec.core.url_to_fs(images_dir)
+    _, rejects_root = fsspec.core.url_to_fs(rejects_dir)
+    _write(reject_table, f"{rejects_root}/{name}", out_fs, row_group_rows)
+    _write(kept, f"{images_root}/{name}", out_fs, row_group_rows)
+    return {"shard": name, "kept": kept.num_rows, "rejected": reject_table.num_rows}

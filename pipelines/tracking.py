@@ -1,0 +1,51 @@
+"""MLflow tracking shared by the stages: one run per stage, nested under the workflow's run when given.
+
+The tracking URI comes from the caller (the CLI's --tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite
+file under runs/): never a local `mlruns` folder, which MLflow ≥ 3.13 refuses (ecosystem.md §5).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} → {"a.b": 1}: MLflow params and metrics are flat (ray#33246)."""
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def log_stage_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict,
+    metrics: dict[str, float],
+    artifacts: list[str],
+    parent_run_id: str | None = None,
+) -> str:
+    """Log one finished stage as an MLflow run; returns its run id."""
+    import mlflow
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+        mlflow.log_metrics(metrics)
+        for path in artifacts:
+            mlflow.log_artifact(path)
+    return run.info.run_id
