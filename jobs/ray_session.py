@@ -18,6 +18,10 @@ def connect_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # An embedded cluster lives and dies with this process, on this machine: token auth only gets in the
+        # way of its own workers (environment.md). Clusters keep whatever their operators chose.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # The dashboard needs extra packages and ports; jobs on a cluster use the cluster's own.
     ray.init(
         address=address,

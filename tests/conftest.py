@@ -31,3 +31,19 @@ def tiny_vae_directory(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_vae")
     autoencoder.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray cluster for the whole session; tests and the drivers they start connect to it."""
+    import os
+
+    import ray
+
+    from jobs.ray_session import OFFLINE_ENVIRONMENT
+
+    for name, value in {**OFFLINE_ENVIRONMENT, "RAY_AUTH_MODE": "disabled"}.items():
+        os.environ.setdefault(name, value)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": OFFLINE_ENVIRONMENT})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -12,7 +12,7 @@ ways real LAION rows do, so the ingest stage meets every failure path without th
     corrupt     bytes that are not an image
     slow        answers after `slow_seconds` (longer than the downloader's timeout in tests)
     redirect    302 to an `ok` image
-    duplicate   the URL of an earlier row again
+    duplicate   the URL of an earlier ok row again
     bad_url     not an http(s) URL
     private     an http URL on a private address (refused by the address guard; never requested)
 """
@@ -79,19 +79,20 @@ def make_metadata(count: int, base_url: str, seed: int = 0, mix: SourceMix | Non
     mix = mix or SourceMix()
     rng = np.random.default_rng(seed + 1)
     kinds = row_kinds(count, mix, seed)
-    rows = []
+    rows, originals = [], []
     for index, kind in enumerate(kinds):
         # > 2 MP sizes with varied aspect ratios; small rows are honest sub-threshold sizes
         if kind == "small":
             width, height = int(rng.integers(400, 1200)), int(rng.integers(400, 1200))
         else:
             short = int(rng.integers(1300, 1700))
-            long = int(rng.integers(short, 2 * short))
+            long = int(rng.integers(max(short, 2_000_000 // short + 1), 2 * short))  # over 2 MP
             width, height = (long, short) if rng.random() < 0.6 else (short, long)
         image_seed = seed * 1_000_003 + index
         path = f"{image_seed}_{width}x{height}.jpg"
-        if kind == "duplicate" and rows:
-            url = rows[int(rng.integers(0, len(rows)))]["URL"]
+        if kind == "duplicate" and originals:
+            # A repeat of a good row, as LAION repeats popular images: only deduplication can catch it.
+            url = originals[int(rng.integers(0, len(originals)))]
         elif kind == "bad_url":
             url = f"ftp://example.invalid/{path}" if index % 2 else ""
         elif kind == "private":
@@ -99,6 +100,8 @@ def make_metadata(count: int, base_url: str, seed: int = 0, mix: SourceMix | Non
         else:
             route = "img" if kind in ("ok", "small", "duplicate") else kind
             url = f"{base_url}/{route}/{path}"
+            if kind == "ok":
+                originals.append(url)
         rows.append(
             {
                 "URL": url,
