@@ -131,9 +131,10 @@ def test_regenerate_rebuilds_the_same_selection_and_keys(embedded_run):
     assert rebuilt["selection"]["sha256"] == original["selection"]["sha256"]
     assert rebuilt["kept_keys_sha256"] == original["kept_keys_sha256"]
     assert rebuilt["counts"] == original["counts"]
-    keys = lambda folder: sorted(
-        pq.read_table(root / folder / "images", columns=["key"]).column(0).to_pylist()
-    )  # noqa: E731
+
+    def keys(folder):
+        return sorted(pq.read_table(root / folder / "images", columns=["key"]).column(0).to_pylist())
+
     assert keys("again") == keys("first")
 
 
