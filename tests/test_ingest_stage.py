@@ -18,14 +18,15 @@ from PIL import Image
 from jobs.cli import build_parser
 from jobs.ingest_command import run_ingest_command
 from pipelines.ingest.config import IngestConfig
-from pipelines.ingest.embedded_source import make_metadata
+from pipelines.ingest.embedded_source import KINDS, make_metadata
 from pipelines.ingest.layout import IngestLayout
 from pipelines.ingest.stage import run_selection
 
-ROWS, SEED, SHARD = 72, 5, 20  # seed 5 draws every kind of row at 72 rows
+ROWS, SEED, SHARD = 72, 10, 20  # seed 10 draws every kind of row at 72 rows (checked below)
 BUCKET_OF_KIND = {
     "ok": "kept",
     "redirect": "kept",
+    "bounce": "download_failed.refused_cloud_metadata_address",  # refused where the redirect connects
     "small": "filtered.too_few_pixels",
     "bad_url": "filtered.invalid_url",
     "private": "refused.private_address",
@@ -39,6 +40,7 @@ BUCKET_OF_KIND = {
 
 def expected_buckets(rows: int, seed: int) -> Counter:
     frame = make_metadata(rows, "http://127.0.0.1:1", seed=seed)
+    assert set(frame.attrs["kinds"]) == set(KINDS), "the source must exercise every kind of row"
     seen, expected = set(), Counter()
     for url, kind in zip(frame["URL"], frame.attrs["kinds"]):
         if kind == "duplicate":
@@ -160,7 +162,7 @@ def test_rerun_with_another_config_refuses_to_mix_selections(embedded_run):
 
 
 def test_loopback_and_private_hosts_are_refused_without_an_allow_list(ray_address, tmp_path):
-    frame = make_metadata(40, "http://127.0.0.1:9", seed=SEED)
+    frame = make_metadata(ROWS, "http://127.0.0.1:9", seed=SEED)
     metadata = tmp_path / "metadata.parquet"
     frame.to_parquet(metadata, index=False)
     layout = IngestLayout(str(tmp_path / "out"))
@@ -168,10 +170,9 @@ def test_loopback_and_private_hosts_are_refused_without_an_allow_list(ray_addres
     inputs = [{"path": str(metadata), "sha256": "0" * 64}]
     record = run_selection(inputs, layout, IngestConfig(), progress=lambda line: None)
     kinds = Counter(frame.attrs["kinds"])
-    loopback_rows = sum(
-        kinds[k] for k in ("ok", "lie", "missing", "truncated", "corrupt", "slow", "redirect")
-    )
-    assert record["counts"]["refused_loopback_address"] == loopback_rows + kinds["duplicate"]
+    # every row on the embedded server except those the filters drop first
+    loopback_rows = ROWS - kinds["small"] - kinds["bad_url"] - kinds["private"]
+    assert record["counts"]["refused_loopback_address"] == loopback_rows
     assert record["counts"]["refused_private_address"] == kinds["private"]
     assert record["selected"] == 0
 

@@ -177,3 +177,30 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     with RunLock(str(lock)):
         assert json.loads(lock.read_text())["pid"] != child.pid
     assert not lock.exists()
+
+
+def test_connection_guard_checks_the_peer_of_every_connection():
+    import urllib.error
+    import urllib.request
+
+    from pipelines.ingest.address_guard import install_guarded_opener
+    from pipelines.ingest.embedded_source import EmbeddedImageServer
+
+    with EmbeddedImageServer() as server:
+        port = server.server_address[1]
+        try:
+            install_guarded_opener(())
+            with pytest.raises(urllib.error.URLError, match="refused by the address guard: loopback_address"):
+                urllib.request.urlopen(f"{server.base_url}/img/1_64x48.jpg", timeout=5)
+            install_guarded_opener(("127.0.0.1",))
+            for url in (
+                f"{server.base_url}/img/1_64x48.jpg",
+                f"http://localhost:{port}/redirect/1_64x48.jpg",
+            ):
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    assert Image.open(io.BytesIO(response.read())).size == (64, 48)
+            # an allowed host that redirects inward is still refused where the redirect connects
+            with pytest.raises(urllib.error.URLError, match="cloud_metadata_address"):
+                urllib.request.urlopen(f"{server.base_url}/bounce/1_64x48.jpg", timeout=5)
+        finally:
+            urllib.request.install_opener(None)

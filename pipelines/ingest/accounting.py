@@ -19,7 +19,7 @@ _FAILURE_PATTERNS = [
     (re.compile(r"HTTP Error (\d{3})"), lambda match: f"http_{match.group(1)}"),
     (re.compile(r"timed out|timeout", re.IGNORECASE), lambda match: "timeout"),
     (re.compile(r"X-Robots-Tag", re.IGNORECASE), lambda match: "opted_out"),
-    (re.compile(r"refused by the address guard", re.IGNORECASE), lambda match: "refused_address"),
+    (re.compile(r"refused by the address guard: (\w+)"), lambda match: f"refused_{match.group(1)}"),
     (re.compile(r"Name or service not known|nodename|getaddrinfo", re.IGNORECASE), lambda match: "dns"),
     (
         re.compile(r"Connection refused|reset by peer|Remote end closed", re.IGNORECASE),

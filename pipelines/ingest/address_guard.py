@@ -77,3 +77,54 @@ class AddressGuard:
             if problem:
                 return problem
         return ""
+
+
+def guarded_create_connection(allow_hosts: frozenset[str]):
+    """A `socket.create_connection` that refuses inward peers at connect time, for every request including
+    redirects, and connects to the very address it checked (so DNS rebinding cannot swap it afterwards)."""
+
+    def create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kwargs):
+        host, port = address[0], address[1]
+        if host.lower().strip("[]") in allow_hosts:
+            return socket.create_connection(address, timeout, source_address, **kwargs)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for *_, peer in infos:
+            ip = peer[0].split("%")[0]
+            problem = "" if ip in allow_hosts else address_problem(ipaddress.ip_address(ip))
+            if problem:
+                raise OSError(f"refused by the address guard: {problem} ({host} resolves to {ip})")
+        return socket.create_connection((infos[0][4][0], port), timeout, source_address, **kwargs)
+
+    return create_connection
+
+
+def install_guarded_opener(allow_hosts: Iterable[str]) -> None:
+    """Make this process's urllib (which img2dataset downloads with) check every connection's peer."""
+    import http.client
+    import urllib.request
+
+    # A configured proxy is where urllib connects: it must be reachable even on a private address; behind it,
+    # the selection-time check of each URL's host is what remains.
+    proxies = {urlsplit(url).hostname for url in urllib.request.getproxies().values() if "://" in url}
+    allowed = {host.lower() for host in allow_hosts} | {host.lower() for host in proxies if host}
+    connect = guarded_create_connection(frozenset(allowed))
+
+    class GuardedHTTPConnection(http.client.HTTPConnection):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._create_connection = connect
+
+    class GuardedHTTPSConnection(http.client.HTTPSConnection):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._create_connection = connect
+
+    class GuardedHTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, request):
+            return self.do_open(GuardedHTTPConnection, request)
+
+    class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, request):
+            return self.do_open(GuardedHTTPSConnection, request, context=self._context)
+
+    urllib.request.install_opener(urllib.request.build_opener(GuardedHTTPHandler, GuardedHTTPSHandler))

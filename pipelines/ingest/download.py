@@ -1,7 +1,8 @@
 """Download the selection with img2dataset on Ray.
 
 img2dataset runs its reader and logger here, on the driver, and one Ray task per shard of
-`samples_per_shard` rows (`distributor="ray"`; ecosystem.md §1.3). Its incremental mode skips shards whose
+`samples_per_shard` rows (`distributor="ray"`; ecosystem.md §1.3), through our distributor below, which adds
+the connection-time address guard and shard retries. Its incremental mode skips shards whose
 `NNNNN_stats.json` exists, which is what makes a killed run resumable: the rerun redoes only unfinished
 shards under the same keys, because the selection (its input) is byte-for-byte the same.
 
@@ -11,6 +12,9 @@ guard (img2dataset's own OpenCV decode has none).
 """
 
 from __future__ import annotations
+
+import contextlib
+import importlib
 
 from pipelines.ingest.config import DownloadConfig
 from pipelines.ingest.filters import ColumnMap
@@ -52,7 +56,44 @@ def img2dataset_arguments(
     }
 
 
-def run_download(arguments: dict) -> None:
+def _download_shard(downloader, shard, allow_hosts: tuple[str, ...]):
+    from pipelines.ingest.address_guard import install_guarded_opener
+
+    install_guarded_opener(allow_hosts)  # per task: cheap, and a reused worker may come from another job
+    return downloader(shard)
+
+
+def guarded_ray_distributor(allow_hosts: tuple[str, ...], shard_retries: int):
+    """img2dataset's distributor interface, on Ray: one task per shard, like img2dataset's own, plus what
+    that one lacks: the connection-time address guard in each worker (redirects and DNS answers are checked
+    where the connection is made) and retries of a shard whose task died (its worker was lost)."""
+    import ray
+
+    task = ray.remote(_download_shard).options(max_retries=shard_retries)
+
+    def distributor(processes_count, downloader, reader, subjob_size, max_shard_retry):
+        del processes_count, subjob_size, max_shard_retry  # parallelism is Ray's; retries are set above
+        ray.get([task.remote(downloader, shard, allow_hosts) for shard in reader])
+
+    return distributor
+
+
+@contextlib.contextmanager
+def _distributor_for_ray(distributor):
+    # img2dataset.download picks its distributor by name from its module's globals and offers no hook to run
+    # code in its Ray workers, so "ray" is pointed at ours for the duration of the call (img2dataset pinned).
+    # (the package re-exports a function named `main`, so the module is fetched by its full name)
+    module = importlib.import_module("img2dataset.main")
+    previous = module.ray_distributor
+    module.ray_distributor = distributor
+    try:
+        yield
+    finally:
+        module.ray_distributor = previous
+
+
+def run_download(arguments: dict, allow_hosts: tuple[str, ...], shard_retries: int = 2) -> None:
     import img2dataset  # heavy (opencv, albumentations); only the download needs it
 
-    img2dataset.download(**arguments)
+    with _distributor_for_ray(guarded_ray_distributor(tuple(allow_hosts), shard_retries)):
+        img2dataset.download(**arguments)

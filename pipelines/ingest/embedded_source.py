@@ -12,6 +12,7 @@ ways real LAION rows do, so the ingest stage meets every failure path without th
     corrupt     bytes that are not an image
     slow        answers after `slow_seconds` (longer than the downloader's timeout in tests)
     redirect    302 to an `ok` image
+    bounce      302 to the cloud metadata address (refused by the guard where the connection is made)
     duplicate   the URL of an earlier ok row again
     bad_url     not an http(s) URL
     private     an http URL on a private address (refused by the address guard; never requested)
@@ -41,6 +42,7 @@ KINDS = (
     "corrupt",
     "slow",
     "redirect",
+    "bounce",
     "duplicate",
     "bad_url",
     "private",
@@ -60,6 +62,7 @@ class SourceMix:
     corrupt: float = 0.03
     slow: float = 0.02
     redirect: float = 0.04
+    bounce: float = 0.02
     duplicate: float = 0.04
     bad_url: float = 0.02
     private: float = 0.02
@@ -150,6 +153,11 @@ class _Handler(BaseHTTPRequestHandler):
         if route == "redirect":
             self.send_response(302)
             self.send_header("Location", f"/img/{name}")
+            self.end_headers()
+            return None
+        if route == "bounce":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/iam/security-credentials/")
             self.end_headers()
             return None
         if route == "corrupt":

@@ -292,7 +292,7 @@ def run_ingest(
         )
         download_started = time.perf_counter()
         if record["selected"]:
-            run_download(arguments)
+            run_download(arguments, config.allow_hosts)
         _, download = fsspec.core.url_to_fs(layout.download)
         finished = len(layout.filesystem().glob(download + "/*_stats.json"))
         if finished < shards:
