@@ -47,7 +47,16 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert len(bomb) < 100_000  # tiny on the wire, 400 MP decoded
     assert verify_image(bomb, 2_000_000, 300_000_000)[0] == "decompression_bomb"
     assert verify_image(bomb, 2_000_000, 100_000_000)[0] == "decompression_bomb"
-    assert Image.MAX_IMAGE_PIXELS != 300_000_000  # the global limit is restored afterwards
+
+
+def test_verifying_resizer_keeps_original_bytes_or_names_the_reason():
+    from pipelines.ingest.verification import VERIFICATION_FAILED, VerifyingResizer
+
+    check = VerifyingResizer(min_pixels=2_000_000, max_pixels=10**8)
+    good = jpeg(1800, 1200)
+    assert check(io.BytesIO(good)) == (good, 1800, 1200, 1800, 1200, None)
+    assert check(io.BytesIO(jpeg(640, 480)))[-1] == VERIFICATION_FAILED + "too_few_pixels_actual"
+    assert check(io.BytesIO(good[:1000]))[-1] == VERIFICATION_FAILED + "truncated"
 
 
 def test_download_failure_reasons():
@@ -125,15 +134,24 @@ def test_bad_metadata_is_named(tmp_path):
 
 
 def test_verify_shard_splits_every_row_into_kept_or_rejected(tmp_path):
-    keys = ["0000000", "0000001", "0000002", "0000003"]
+    keys = ["0000000", "0000001", "0000002", "0000003", "0000004", "0000005"]
     raw = pa.table(
         {
             "url": [f"http://h/{k}" for k in keys],
             "key": keys,
-            "status": ["success", "failed_to_download", "success", "success"],
-            "error_message": [None, "HTTP Error 404: Not Found", None, None],
-            "width": pa.array([None] * 4, pa.int32()),
-            "jpg": [jpeg(1800, 1200), None, jpeg(100, 100), b"garbage"],
+            "status": ["success", "failed_to_download", "success", "success", "success", "failed_to_resize"],
+            "error_message": [
+                None,
+                "HTTP Error 404: Not Found",
+                None,
+                None,
+                None,
+                "verification failed: truncated",
+            ],
+            # rows 0–3 come from a downloader that did not verify; row 4 was verified in flight
+            "width": pa.array([None, None, None, None, 1900, None], pa.int32()),
+            "height": pa.array([None, None, None, None, 1100, None], pa.int32()),
+            "jpg": [jpeg(1800, 1200), None, jpeg(100, 100), b"garbage", jpeg(1900, 1100), None],
         }
     )
     (tmp_path / "download").mkdir()
@@ -147,9 +165,10 @@ def test_verify_shard_splits_every_row_into_kept_or_rejected(tmp_path):
         min_pixels=2_000_000,
         max_pixels=10**8,
     )
-    assert result == {"shard": "00000.parquet", "kept": 1, "rejected": 3}
+    assert result == {"shard": "00000.parquet", "kept": 2, "rejected": 4}
     kept = pq.read_table(tmp_path / "images" / "00000.parquet")
-    assert kept.column("key").to_pylist() == ["0000000"]
+    assert kept.column("key").to_pylist() == ["0000000", "0000004"]
+    assert kept.column("width").to_pylist() == [1800, 1900] and kept.column("format")[1].as_py() == "jpeg"
     assert (kept.column("width")[0].as_py(), kept.column("height")[0].as_py()) == (1800, 1200)
     assert Image.open(io.BytesIO(kept.column("image")[0].as_py())).size == (1800, 1200)
     rejects = pq.read_table(tmp_path / "rejects" / "00000.parquet").to_pylist()
@@ -157,6 +176,7 @@ def test_verify_shard_splits_every_row_into_kept_or_rejected(tmp_path):
         ("0000001", "download", "http_404"),
         ("0000002", "verification", "too_few_pixels_actual"),
         ("0000003", "verification", "not_an_image"),
+        ("0000005", "verification", "truncated"),
     ]
 
 

@@ -19,6 +19,8 @@ import importlib
 from pipelines.ingest.config import DownloadConfig
 from pipelines.ingest.filters import ColumnMap
 
+SHARD_DIGITS = 5  # shard files are NNNNN.parquet
+
 # img2dataset refuses these as extra column names (they are its own output columns).
 _RESERVED = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status"}
 _RESERVED |= {"error_message", "exif", "md5", "sha256", "sha512"}
@@ -40,7 +42,7 @@ def img2dataset_arguments(
         "resize_mode": "no",
         "disable_all_reencoding": True,
         "number_sample_per_shard": config.samples_per_shard,
-        "oom_shard_count": 5,
+        "oom_shard_count": SHARD_DIGITS,
         "distributor": "ray",
         "processes_count": 1,  # ignored by the ray distributor; one task per shard
         "thread_count": config.thread_count,
@@ -56,24 +58,39 @@ def img2dataset_arguments(
     }
 
 
-def _download_shard(downloader, shard, allow_hosts: tuple[str, ...]):
+def _download_shard(downloader, shard, allow_hosts: tuple[str, ...], attempts: int, after_shard):
     from pipelines.ingest.address_guard import install_guarded_opener
 
     install_guarded_opener(allow_hosts)  # per task: cheap, and a reused worker may come from another job
-    return downloader(shard)
+    for _ in range(attempts):
+        finished, _ = downloader(shard)  # img2dataset reports a failed shard instead of raising
+        if finished:
+            break
+    if finished and after_shard is not None:
+        after_shard(shard[0])  # verify while other shards still download: the decode overlaps the network
+    return finished
 
 
-def guarded_ray_distributor(allow_hosts: tuple[str, ...], shard_retries: int):
+def guarded_ray_distributor(
+    allow_hosts: tuple[str, ...], shard_retries: int, after_shard=None, image_check=None
+):
     """img2dataset's distributor interface, on Ray: one task per shard, like img2dataset's own, plus what
     that one lacks: the connection-time address guard in each worker (redirects and DNS answers are checked
-    where the connection is made) and retries of a shard whose task died (its worker was lost)."""
+    where the connection is made), retries of a failed shard, `image_check` in place of img2dataset's
+    Resizer (called the same way, on every fetched image), and `after_shard(shard_id)` run in the same
+    task once the shard is written."""
     import ray
 
-    task = ray.remote(_download_shard).options(max_retries=shard_retries)
+    task = ray.remote(_download_shard).options(max_retries=shard_retries)  # retries a lost worker
 
     def distributor(processes_count, downloader, reader, subjob_size, max_shard_retry):
         del processes_count, subjob_size, max_shard_retry  # parallelism is Ray's; retries are set above
-        ray.get([task.remote(downloader, shard, allow_hosts) for shard in reader])
+        if image_check is not None:
+            downloader.resizer = image_check
+        refs = [
+            task.remote(downloader, shard, allow_hosts, shard_retries + 1, after_shard) for shard in reader
+        ]
+        ray.get(refs)
 
     return distributor
 
@@ -92,8 +109,12 @@ def _distributor_for_ray(distributor):
         module.ray_distributor = previous
 
 
-def run_download(arguments: dict, allow_hosts: tuple[str, ...], shard_retries: int = 2) -> None:
+def run_download(
+    arguments: dict, allow_hosts: tuple[str, ...], shard_retries: int = 2, after_shard=None, image_check=None
+) -> None:
     import img2dataset  # heavy (opencv, albumentations); only the download needs it
 
-    with _distributor_for_ray(guarded_ray_distributor(tuple(allow_hosts), shard_retries)):
+    with _distributor_for_ray(
+        guarded_ray_distributor(tuple(allow_hosts), shard_retries, after_shard, image_check)
+    ):
         img2dataset.download(**arguments)

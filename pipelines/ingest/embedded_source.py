@@ -49,6 +49,7 @@ KINDS = (
 )
 LIE_SIDE = 640  # what a lying row really serves: well under 2 MP
 RENDER_SIDE = 512
+RENDER_CACHE = 1024  # rendered JPEGs kept (≤ ~0.5 GB at 2–3 MP): reruns and benchmarks serve from memory
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def make_metadata(count: int, base_url: str, seed: int = 0, mix: SourceMix | Non
     return frame
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=RENDER_CACHE)
 def _jpeg(seed: int, width: int, height: int) -> bytes:
     # Render at most RENDER_SIDE px and upscale: 10× cheaper at 2–3 MP, and the test server shares the CPU.
     scale = min(1.0, RENDER_SIDE / max(width, height))

@@ -8,6 +8,7 @@ finishes the job; nothing finished is redone and keys never change.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ import ray
 from pipelines.ingest import selection as select
 from pipelines.ingest.accounting import build_counts, check_counts
 from pipelines.ingest.config import IngestConfig
-from pipelines.ingest.download import img2dataset_arguments, run_download
+from pipelines.ingest.download import SHARD_DIGITS, img2dataset_arguments, run_download
 from pipelines.ingest.layout import IngestLayout
 from pipelines.ingest.manifest import (
     MANIFEST_VERSION,
@@ -32,7 +33,7 @@ from pipelines.ingest.manifest import (
     resolve_inputs,
     write_json,
 )
-from pipelines.ingest.verification import verify_shard
+from pipelines.ingest.verification import VerifyingResizer, verify_shard
 
 Progress = Callable[[str], None]
 
@@ -196,10 +197,11 @@ def expected_shards(layout: IngestLayout, parts: list[str], samples_per_shard: i
     return total
 
 
-def _verify_batch(batch: dict, config: IngestConfig, layout: IngestLayout) -> dict:
-    item = _one(batch)
+def verify_downloaded_shard(shard_id: int, config: IngestConfig, layout: IngestLayout) -> dict:
+    """Verify one finished download shard, then drop its raw bytes unless configured to keep them."""
+    raw = layout.path("download", f"{shard_id:0{SHARD_DIGITS}d}.parquet")
     result = verify_shard(
-        item["raw"],
+        raw,
         layout.images,
         layout.rejects,
         min_pixels=config.filters.min_pixels,
@@ -207,8 +209,13 @@ def _verify_batch(batch: dict, config: IngestConfig, layout: IngestLayout) -> di
         row_group_rows=config.verify.row_group_rows,
     )
     if not config.verify.keep_download_shards:
-        filesystem, local = fsspec.core.url_to_fs(item["raw"])
+        filesystem, local = fsspec.core.url_to_fs(raw)
         filesystem.rm_file(local)  # its stats JSON stays: img2dataset still sees the shard as done
+    return result
+
+
+def _verify_batch(batch: dict, config: IngestConfig, layout: IngestLayout) -> dict:
+    result = verify_downloaded_shard(_one(batch)["shard_id"], config, layout)
     return {key: np.array([value]) for key, value in result.items()}
 
 
@@ -221,8 +228,8 @@ def run_verification(layout: IngestLayout, config: IngestConfig, progress: Progr
     for stats in sorted(filesystem.glob(download + "/*_stats.json")):
         name = stats.rsplit("/", 1)[-1].removesuffix("_stats.json") + ".parquet"
         if name not in done:
-            todo.append({"raw": layout.path("download", name)})
-    progress(f"ingest: verification: {len(todo)} shard(s) to verify, {len(done)} verified earlier")
+            todo.append({"shard_id": int(name.removesuffix(".parquet"))})
+    progress(f"ingest: verification: {len(todo)} shard(s) left to verify, {len(done)} verified")
     if not todo:
         return
     started = time.perf_counter()
@@ -292,7 +299,11 @@ def run_ingest(
         )
         download_started = time.perf_counter()
         if record["selected"]:
-            run_download(arguments, config.allow_hosts)
+            # Each image is verified as it arrives and each shard split into images/ and rejects/ by the
+            # task that downloaded it; run_verification catches up on shards a killed run left unsplit.
+            after_shard = functools.partial(verify_downloaded_shard, config=config, layout=layout)
+            image_check = VerifyingResizer(config.filters.min_pixels, config.verify.max_pixels)
+            run_download(arguments, config.allow_hosts, after_shard=after_shard, image_check=image_check)
         _, download = fsspec.core.url_to_fs(layout.download)
         finished = len(layout.filesystem().glob(download + "/*_stats.json"))
         if finished < shards:

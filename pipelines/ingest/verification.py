@@ -1,14 +1,16 @@
 """Verification: decode every downloaded image and check its real size; metadata sizes are often wrong.
 
-`verify_image` is the per-image rule. `verify_shard` turns one raw img2dataset shard into a shard of kept
-images (`images/NNNNN.parquet`) and a shard of rejects with their reasons (`rejects/NNNNN.parquet`, no bytes),
-so that every row of the shard lands in exactly one of the two.
+`verify_image` is the per-image rule. `VerifyingResizer` applies it inside img2dataset's download loop, in
+place of img2dataset's Resizer, so each image is decoded while the shard's other images are still arriving
+(as img2dataset's own OpenCV decode is) and the original bytes are kept. `verify_shard` then splits one raw
+shard into kept images (`images/NNNNN.parquet`) and rejects with their reasons (`rejects/NNNNN.parquet`, no
+bytes), so that every row of the shard lands in exactly one of the two; a success row that was not verified
+in flight (its size is missing) is decoded there.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 
 import fsspec
 import numpy as np
@@ -19,29 +21,27 @@ from PIL import Image
 from pipelines.ingest.accounting import download_failure_reason
 
 IMAGE_COLUMN = "image"
-# img2dataset stores the bytes it fetched (disable_all_reencoding) in a column named after encode_format.
+# img2dataset stores the bytes it fetched in a column named after encode_format, whatever their format.
 RAW_IMAGE_COLUMN = "jpg"
 REJECT_COLUMNS = ["key", "url", "stage", "reason", "detail"]
+VERIFICATION_FAILED = "verification failed: "  # prefix of img2dataset's error_message for our rejects
 
 
 def verify_image(data: bytes | None, min_pixels: int, max_pixels: int) -> tuple[str, int, int, str]:
     """(reason or "", width, height, format). The declared size is checked before any pixel is decoded."""
     if not data:
         return "empty", 0, 0, ""
+    # Pillow's own guard reads this process-wide limit when it parses the header (it warns above it and
+    # raises above twice it). Every caller sets the same value, so threads cannot disagree about it.
+    if Image.MAX_IMAGE_PIXELS != max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            # Pillow warns between max_pixels and 2× max_pixels and raises above; refuse both alike.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    width, height, kind = image.width, image.height, image.format or ""
-                    if width * height > max_pixels:
-                        return "decompression_bomb", width, height, kind
-                    image.load()  # the full decode: truncated and corrupt data fail here
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        with Image.open(io.BytesIO(data)) as image:
+            width, height, kind = image.width, image.height, image.format or ""
+            if width * height > max_pixels:
+                return "decompression_bomb", width, height, kind
+            image.load()  # the full decode: truncated and corrupt data fail here
+    except Image.DecompressionBombError:
         return "decompression_bomb", 0, 0, ""
     except Image.UnidentifiedImageError:
         return "not_an_image", 0, 0, ""
@@ -50,6 +50,26 @@ def verify_image(data: bytes | None, min_pixels: int, max_pixels: int) -> tuple[
     if width * height <= min_pixels:
         return "too_few_pixels_actual", width, height, kind
     return "", width, height, kind
+
+
+class VerifyingResizer:
+    """Called like img2dataset's Resizer: `(image stream, bboxes) → (bytes, width, height, original_width,
+    original_height, error)`. Returns the original bytes and real size, or the reason as the error."""
+
+    def __init__(self, min_pixels: int, max_pixels: int):
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+
+    def __call__(self, image_stream, blurring_bbox_list=None):
+        data = image_stream.read()
+        reason, width, height, _ = verify_image(data, self.min_pixels, self.max_pixels)
+        if reason:
+            return None, None, None, None, None, VERIFICATION_FAILED + reason
+        return data, width, height, width, height, None
+
+
+def _image_format(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as image:  # header only
+        return (image.format or "").lower()
 
 
 def _write(table: pa.Table, path: str, filesystem, row_group_rows: int) -> None:
@@ -80,12 +100,19 @@ def verify_shard(
     data = raw.column(RAW_IMAGE_COLUMN).to_pylist()
     keys, urls = raw.column("key").to_pylist(), raw.column("url").to_pylist()  # img2dataset names it url
 
+    widths_in_flight = raw.column("width").to_pylist() if "width" in columns else [None] * raw.num_rows
+    heights_in_flight = raw.column("height").to_pylist() if "height" in columns else [None] * raw.num_rows
     rejects = {column: [] for column in REJECT_COLUMNS}
     kept_rows, widths, heights, formats = [], [], [], []
     for index in range(raw.num_rows):
-        if status[index] != "success":
-            stage, reason, detail = "download", download_failure_reason(messages[index]), messages[index]
-        else:
+        message = messages[index] or ""
+        if status[index] == "success" and widths_in_flight[index] is not None:
+            kept_rows.append(index)  # verified by VerifyingResizer while downloading
+            widths.append(widths_in_flight[index])
+            heights.append(heights_in_flight[index])
+            formats.append(_image_format(data[index]))
+            continue
+        if status[index] == "success":
             reason, width, height, kind = verify_image(data[index], min_pixels, max_pixels)
             stage, detail = "verification", f"{width}x{height}" if width else ""
             if not reason:
@@ -94,7 +121,11 @@ def verify_shard(
                 heights.append(height)
                 formats.append(kind.lower())
                 continue
-        for column, value in zip(REJECT_COLUMNS, (keys[index], urls[index], stage, reason, detail or "")):
+        elif message.startswith(VERIFICATION_FAILED):
+            stage, reason, detail = "verification", message.removeprefix(VERIFICATION_FAILED), ""
+        else:
+            stage, reason, detail = "download", download_failure_reason(message), message
+        for column, value in zip(REJECT_COLUMNS, (keys[index], urls[index], stage, reason, detail)):
             rejects[column].append(value)
 
     dropped = [c for c in ("width", "height", "original_width", "original_height", "status", "error_message")]
