@@ -1,12 +1,14 @@
-"""`infgen demo`: the whole decoder idea in a few CPU minutes, with no network and no downloads.
+"""`infgen demo`: the pipeline so far in a few CPU minutes, with no network and no downloads.
 
+0. The ingest stage on the embedded source (Ray, img2dataset over HTTP on 127.0.0.1, Parquet, MLflow): the
+   same code path as real LAION metadata, resumed (a no-op) when the demo is run again.
 1. A frozen KL-f8 VAE: the embedded offline substitute (trained once on synthetic images, then cached).
 2. A `tiny` InfGen trained with plain torch for a few hundred steps: 64² crops → 8×8 latents → decoded at
    one of several sizes up to 2× (128²), the paper's recipe scaled down from 512² → ≤1024².
 3. Held-out images decoded at 2× and compared with the stock decoder + bicubic upsampling (PSNR), plus the
    same latent decoded at several sizes and aspect ratios, written as PNGs under the run directory.
 
-The Ray / DeepSpeed / MLflow workflow replaces this as the main job once it exists (issues 3-5).
+Steps 1-3 become the latents and training stages of the Ray / DeepSpeed / MLflow workflow (issues 4-5).
 """
 
 from __future__ import annotations
@@ -47,9 +49,23 @@ def crops(seed: int, count: int, side: int) -> torch.Tensor:
     return torch.stack(images)
 
 
+INGEST_ROWS = 120
+
+
+def ingest_step(run_dir: Path) -> dict:
+    """The ingest stage exactly as `infgen ingest --embedded` runs it."""
+    from jobs.cli import build_parser
+    from jobs.ingest_command import run_ingest_command
+
+    arguments = ["ingest", "--embedded", str(INGEST_ROWS), "--output", str(run_dir / "ingest")]
+    manifest = run_ingest_command(build_parser().parse_args(arguments))
+    return {"manifest": str(run_dir / "ingest" / "manifest.json"), **manifest["counts"]}
+
+
 def run_demo(run_dir: str | Path = "runs/demo", steps: int | None = None) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ingest = ingest_step(run_dir)
     steps = steps or DEFAULT_STEPS
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -90,6 +106,7 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int | None = None) -> dic
         "train_seconds": round(time.perf_counter() - started, 1),
         "psnr_infgen_2x_db": round(psnr(ours, holdout).mean().item(), 2),
         "psnr_vae_bicubic_2x_db": round(psnr(baseline, holdout).mean().item(), 2),
+        "ingest": ingest,
     }
     for index in range(3):
         row = torch.cat([holdout[index], baseline[index], ours[index]], dim=2)  # truth | baseline | InfGen

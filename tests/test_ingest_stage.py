@@ -70,7 +70,8 @@ def embedded_run(ray_address, tmp_path_factory):
     root = tmp_path_factory.mktemp("ingest")
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     common = ["--samples-per-shard", str(SHARD), "--seed", str(SEED), "--tracking-uri", tracking]
-    manifest = ingest("--embedded", str(ROWS), "--output", str(root / "first"), *common)
+    # an fsspec URL, as on a cluster (s3://, gs://...): nothing may assume a plain local path
+    manifest = ingest("--embedded", str(ROWS), "--output", f"file://{root / 'first'}", *common)
     return {"root": root, "manifest": manifest, "tracking": tracking, "common": common}
 
 
