@@ -14,6 +14,16 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
 
 
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts beside a SQLite store (MLflow's default would be ./mlruns under whatever the current
+    directory is); a tracking server chooses its own (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return (database.parent / "mlartifacts").resolve().as_uri()
+
+
 def flatten(values: dict, prefix: str = "") -> dict[str, object]:
     """{"a": {"b": 1}} → {"a.b": 1}: MLflow params and metrics are flat (ray#33246)."""
     flat: dict[str, object] = {}
@@ -38,9 +48,9 @@ def log_stage_run(
     """Log one finished stage as an MLflow run; returns its run id."""
     import mlflow
 
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=local_artifact_location(tracking_uri))
     mlflow.set_experiment(experiment)
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
