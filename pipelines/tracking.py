@@ -50,7 +50,10 @@ def log_stage_run(
 
     mlflow.set_tracking_uri(tracking_uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=local_artifact_location(tracking_uri))
+        try:
+            mlflow.create_experiment(experiment, artifact_location=local_artifact_location(tracking_uri))
+        except mlflow.exceptions.MlflowException:
+            pass  # another stage created it in the meantime; set_experiment below finds it
     mlflow.set_experiment(experiment)
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
     with mlflow.start_run(run_name=run_name, tags=tags) as run:

@@ -122,6 +122,7 @@ def test_stage_is_logged_to_mlflow(embedded_run):
     assert run.data.metrics["input_rows"] == ROWS
     assert run.data.params["config.filters.seed"] == str(SEED)
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["manifest.json"]
+    assert run.info.artifact_uri.startswith((embedded_run["root"] / "mlartifacts").as_uri())  # not ./mlruns
 
 
 def test_regenerate_rebuilds_the_same_selection_and_keys(embedded_run):
