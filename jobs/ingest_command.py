@@ -15,9 +15,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from pipelines.ingest.config import DownloadConfig, IngestConfig
-from pipelines.ingest.layout import IngestLayout
-from pipelines.ingest.manifest import read_json, write_json
+# Only the standard library at import: `infgen --help` builds this parser and must stay instant.
 
 # The embedded source differs from real metadata only in where it lives and how fast it answers.
 EMBEDDED_SAMPLES_PER_SHARD = 25
@@ -52,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parent-run-id", help="MLflow run to nest this stage's run under")
 
 
-def build_config(args: argparse.Namespace, embedded: bool) -> IngestConfig:
+def build_config(args: argparse.Namespace, embedded: bool):
+    from pipelines.ingest.config import DownloadConfig, IngestConfig
+
     config = IngestConfig()
     filters = {"seed": args.seed}
     if embedded:
@@ -90,6 +90,8 @@ def embedded_source(output: str, rows: int, seed: int, port: int | None = None):
     """Serve the embedded source. Its metadata lives under OUTPUT/source and is reused on reruns, served on
     the port its URLs name."""
     from pipelines.ingest.embedded_source import EmbeddedImageServer, make_metadata
+    from pipelines.ingest.layout import IngestLayout
+    from pipelines.ingest.manifest import read_json, write_json
 
     layout = IngestLayout(output)
     record_path, metadata_path = (
@@ -124,6 +126,7 @@ def embedded_source(output: str, rows: int, seed: int, port: int | None = None):
 
 def tracking_callback(args: argparse.Namespace):
     from pipelines.ingest.accounting import flat_metrics
+    from pipelines.ingest.manifest import write_json
     from pipelines.tracking import default_tracking_uri, log_stage_run
 
     uri = args.tracking_uri or default_tracking_uri()
