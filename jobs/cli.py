@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipelines.errors import StageError
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infgen", description=__doc__.split("\n")[0])
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is the user's to fix: say what is wrong, without a traceback through our internals.
         print(f"infgen {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except StageError as error:
+        print(f"infgen {args.command}: stopped: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -173,14 +173,19 @@ def run_ingest_command(args: argparse.Namespace) -> dict:
             rebuilt = run_ingest(paths, args.output, config, source=source, tracking=track)
         compare(original, rebuilt, print)
         return rebuilt
+    # Everything the user typed is checked before a cluster is started or joined.
+    if args.embedded is not None and args.embedded < 1:
+        raise ValueError(f"--embedded must be ≥ 1 row, got {args.embedded}")
+    config = build_config(args, embedded=args.embedded is not None)
+    if args.metadata:
+        from pipelines.ingest.manifest import resolve_inputs
+
+        resolve_inputs(args.metadata)
     connect_ray(args.ray_address)
     if args.embedded is not None:
-        if args.embedded < 1:
-            raise ValueError(f"--embedded must be ≥ 1 row, got {args.embedded}")
-        config = build_config(args, embedded=True)
         with embedded_source(args.output, args.embedded, args.seed) as (metadata_path, source):
             return run_ingest([metadata_path], args.output, config, source=source, tracking=track)
-    return run_ingest(args.metadata, args.output, build_config(args, embedded=False), tracking=track)
+    return run_ingest(args.metadata, args.output, config, tracking=track)
 
 
 @contextlib.contextmanager

@@ -224,3 +224,15 @@ def test_connection_guard_checks_the_peer_of_every_connection():
                 urllib.request.urlopen(f"{server.base_url}/bounce/1_64x48.jpg", timeout=5)
         finally:
             urllib.request.install_opener(None)
+
+
+def test_ingest_command_names_bad_input_before_starting_anything(tmp_path, capsys):
+    from jobs.cli import main
+
+    output = tmp_path / "out"
+    assert main(["ingest", "--metadata", str(tmp_path / "missing.parquet"), "--output", str(output)]) == 2
+    assert "metadata path" in capsys.readouterr().err and not output.exists()
+    assert main(["ingest", "--embedded", "0", "--output", str(output)]) == 2
+    assert "--embedded must be ≥ 1" in capsys.readouterr().err and not output.exists()
+    assert main(["ingest", "--embedded", "5", "--output", str(output), "--samples-per-shard", "0"]) == 2
+    assert not output.exists()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from pipelines.errors import StageError
+
 # img2dataset keeps urllib's message as error_message; these patterns give stable, countable reasons.
 _FAILURE_PATTERNS = [
     (re.compile(r"HTTP Error (\d{3})"), lambda match: f"http_{match.group(1)}"),
@@ -37,7 +39,7 @@ def download_failure_reason(message: str | None) -> str:
     return "other"
 
 
-class AccountingError(RuntimeError):
+class AccountingError(StageError):
     """The buckets do not add up to the input rows: some row was lost or counted twice."""
 
 

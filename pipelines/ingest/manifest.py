@@ -12,6 +12,8 @@ from pathlib import Path
 
 import fsspec
 
+from pipelines.errors import StageError
+
 MANIFEST_VERSION = 1
 
 
@@ -94,12 +96,12 @@ class RunLock:
         if self.filesystem.exists(self.local):
             holder = json.loads(self.filesystem.cat_file(self.local) or b"{}")
             if holder.get("host") != socket.gethostname():
-                raise RuntimeError(
+                raise StageError(
                     f"{self.path} is held by pid {holder.get('pid')} on {holder.get('host')}; if that run is "
                     "dead, delete the lock file and rerun"
                 )
             if _alive(int(holder.get("pid", 0))) and holder.get("pid") != os.getpid():
-                raise RuntimeError(f"{self.path} is held by running process {holder['pid']} on this host")
+                raise StageError(f"{self.path} is held by running process {holder['pid']} on this host")
             print(f"ingest: taking over the lock of finished process {holder.get('pid')} ({self.path})")
         self.filesystem.pipe_file(
             self.local, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pipelines.errors import StageError
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.manifest import MANIFEST_VERSION, code_version, file_sha256, read_json
 
@@ -41,7 +42,7 @@ def check_inputs(manifest: dict, manifest_path: str) -> list[str]:
 def compare(original: dict, rebuilt: dict, progress: Callable[[str], None]) -> None:
     """The selection must match exactly; the kept set may differ only if the web changed in between."""
     if rebuilt["selection"]["sha256"] != original["selection"]["sha256"]:
-        raise RuntimeError(
+        raise StageError(
             "regenerated selection differs from the manifest's "
             f"({rebuilt['selection']['rows']} rows vs {original['selection']['rows']}): "
             "same inputs and config "

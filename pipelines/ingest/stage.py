@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
+from pipelines.errors import StageError
 from pipelines.ingest import selection as select
 from pipelines.ingest.accounting import build_counts, check_counts
 from pipelines.ingest.config import IngestConfig
@@ -277,11 +278,11 @@ def run_ingest(
     tracking: Callable[[dict, str], None] | None = None,
 ) -> dict:
     """Run (or resume) the stage; returns the manifest. `tracking(manifest, manifest_path)` logs it."""
+    paths = resolve_inputs(metadata)  # bad input fails here, before anything is created
     layout = IngestLayout(output)
     layout.make_directories()
     started = time.perf_counter()
     with RunLock(layout.lock):
-        paths = resolve_inputs(metadata)
         checksums = input_checksums(paths)
         inputs = [{"path": p, "sha256": checksums[p]} for p in paths]
         record = run_selection(inputs, layout, config, progress)
@@ -307,7 +308,7 @@ def run_ingest(
         _, download = fsspec.core.url_to_fs(layout.download)
         finished = len(layout.filesystem().glob(download + "/*_stats.json"))
         if finished < shards:
-            raise RuntimeError(
+            raise StageError(
                 f"img2dataset finished {finished} of {shards} shards in {layout.download}; "
                 "rerun the same command to download the rest"
             )
@@ -351,12 +352,12 @@ def run_ingest(
             )
         try:
             check_counts(counts)
-        except RuntimeError as error:
+        except StageError as error:
             problems.append(str(error))
         if problems:
             manifest["status"] = "unbalanced"
             write_json(layout.manifest, manifest)
-            raise RuntimeError("ingest accounting failed: " + "; ".join(problems))
+            raise StageError("ingest accounting failed: " + "; ".join(problems))
         write_json(layout.manifest, manifest)
     progress(
         f"ingest: kept {counts['buckets']['kept']} of {counts['input_rows']} rows; manifest {layout.manifest}"
