@@ -122,6 +122,22 @@ class FrozenVAE:
         `generator`, the convention for diffusion training latents. Sides that are not a multiple of 8 are
         padded by edge replication first, so the last latent row/column covers a partly replicated cell.
         """
+        posterior = self._posterior(images)
+        latents = posterior.sample(generator=generator) if sample else posterior.mean
+        return (latents.float() - self._shift_factor) * self._scaling_factor
+
+    @torch.no_grad()
+    def encode_posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the posterior in scaled latent units, float32: a sample is `mean + std * noise`.
+
+        For callers that draw the noise themselves, e.g. one seeded generator per sample so that a sample's
+        latent does not depend on which batch it was encoded in.
+        """
+        posterior = self._posterior(images)
+        mean = (posterior.mean.float() - self._shift_factor) * self._scaling_factor
+        return mean, posterior.std.float() * self._scaling_factor
+
+    def _posterior(self, images: torch.Tensor):
         _check_images(images)
         height, width = images.shape[-2:]
         latent_height, latent_width = self.latent_size(height, width)
@@ -133,9 +149,7 @@ class FrozenVAE:
         if (padded_height, padded_width) != (height, width):
             # replicate, not zeros: a black border would bleed into the edge latents
             images = F.pad(images, (0, padded_width - width, 0, padded_height - height), mode="replicate")
-        posterior = self.autoencoder.encode(images).latent_dist
-        latents = posterior.sample(generator=generator) if sample else posterior.mean
-        return (latents.float() - self._shift_factor) * self._scaling_factor
+        return self.autoencoder.encode(images).latent_dist
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

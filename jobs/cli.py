@@ -3,6 +3,7 @@
     infgen decode --checkpoint CKPT --latents FILE.npy --size 2160x3840 --out out.png [--vae VAE_DIR]
     infgen demo [--run-dir runs/demo]
     infgen ingest (--metadata META... | --embedded ROWS | --regenerate MANIFEST) --output OUT
+    infgen latents --images OUT/images --output LATENTS [--preset stage1|stage2|embedded] [--vae DIR]
 
 Subcommands import their heavy dependencies only when they run, so `infgen --help` is instant.
 """
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = commands.add_parser("ingest", help="metadata → verified >2 MP images in Parquet shards (Ray)")
     add_ingest_arguments(ingest)
+
+    from jobs.latents_command import add_arguments as add_latents_arguments
+
+    latents = commands.add_parser("latents", help="image shards → frozen-VAE latent shards (Ray Data)")
+    add_latents_arguments(latents)
     return parser
 
 
@@ -63,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.ingest_command import run_ingest_command
 
             run_ingest_command(args)
+        elif args.command == "latents":
+            from jobs.latents_command import run_latents_command
+
+            run_latents_command(args)
     except (ValueError, FileNotFoundError) as error:
         # Bad input is the user's to fix: say what is wrong, without a traceback through our internals.
         print(f"infgen {args.command}: error: {error}", file=sys.stderr)

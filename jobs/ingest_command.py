@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import tempfile
-from pathlib import Path
+
+from jobs.stage_tracking import add_tracking_arguments, manifest_tracker
 
 # Only the standard library at import: `infgen --help` builds this parser and must stay instant.
 
@@ -44,10 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="selection seed (and the embedded source's)")
     parser.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else embedded)")
-    parser.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or runs/mlflow.db)"
-    )
-    parser.add_argument("--parent-run-id", help="MLflow run to nest this stage's run under")
+    add_tracking_arguments(parser)
 
 
 def build_config(args: argparse.Namespace, embedded: bool):
@@ -124,41 +121,12 @@ def embedded_source(output: str, rows: int, seed: int, port: int | None = None):
         yield metadata_path, record
 
 
-def tracking_callback(args: argparse.Namespace):
-    from pipelines.ingest.accounting import flat_metrics
-    from pipelines.ingest.manifest import write_json
-    from pipelines.tracking import default_tracking_uri, log_stage_run
-
-    uri = args.tracking_uri or default_tracking_uri()
-
-    def track(manifest: dict, manifest_path: str) -> None:
-        with tempfile.TemporaryDirectory() as scratch:
-            local = str(Path(scratch) / "manifest.json")
-            write_json(local, manifest)  # the manifest may live on remote storage; MLflow wants a file
-            run_id = log_stage_run(
-                uri,
-                manifest["config"]["mlflow_experiment"],
-                "ingest",
-                params={
-                    "config": manifest["config"],
-                    "inputs": len(manifest["inputs"]),
-                    "output": manifest_path,
-                },
-                metrics=flat_metrics(manifest["counts"]),
-                artifacts=[local],
-                parent_run_id=args.parent_run_id,
-            )
-        print(f"ingest: MLflow run {run_id} at {uri}")
-
-    return track
-
-
 def run_ingest_command(args: argparse.Namespace) -> dict:
     from jobs.ray_session import connect_ray
     from pipelines.ingest.regenerate import check_inputs, compare, config_of, load_manifest
     from pipelines.ingest.stage import run_ingest
 
-    track = tracking_callback(args)
+    track = manifest_tracker(args, "ingest")
     if args.regenerate:
         original = load_manifest(args.regenerate)
         paths = check_inputs(original, args.regenerate)

@@ -47,3 +47,16 @@ def ray_address():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": OFFLINE_ENVIRONMENT})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def embedded_images(ray_address, tmp_path_factory):
+    """An ingest of the embedded source (img2dataset over 127.0.0.1): the images/ folder later stages read."""
+    from jobs.cli import build_parser
+    from jobs.ingest_command import run_ingest_command
+
+    root = tmp_path_factory.mktemp("embedded_ingest")
+    arguments = ["ingest", "--embedded", "40", "--output", str(root / "ingest"), "--samples-per-shard", "12",
+                 "--seed", "10", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]  # fmt: skip
+    manifest = run_ingest_command(build_parser().parse_args(arguments))
+    return {"images": root / "ingest" / "images", "manifest": manifest}

@@ -82,15 +82,3 @@ def check_counts(counts: dict) -> None:
             f"ingest accounting does not add up: {counts['input_rows']} input rows but {accounted} in "
             f"buckets ({counts['buckets']}); the manifest was written with status 'unbalanced' for inspection"
         )
-
-
-def flat_metrics(counts: dict, prefix: str = "") -> dict[str, float]:
-    """{"buckets.filtered.too_few_pixels": 12, ...} for MLflow (metric names cannot nest)."""
-    metrics = {}
-    for key, value in counts.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            metrics.update(flat_metrics(value, name + "."))
-        else:
-            metrics[name] = float(value)
-    return metrics

@@ -1,0 +1,40 @@
+"""The latent stage's typed configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from pipelines.latents.crops import CropPolicy
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    policy: CropPolicy = field(default_factory=CropPolicy)
+    samples_per_image: int = 4
+    seed: int = 0
+    vae: str | None = None  # diffusers AutoencoderKL dir or hub id; None → the embedded offline substitute
+    batch_size: int = 32  # encoder batch
+    encoders: int = 2  # actors in the pool (one GPU each when GPUs exist)
+    mlflow_experiment: str = "infgen-latents"
+
+    def __post_init__(self):
+        if self.samples_per_image < 1 or self.batch_size < 1 or self.encoders < 1:
+            raise ValueError(f"latent config needs samples_per_image, batch_size, encoders ≥ 1: {self}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LatentConfig:
+        data = dict(data)
+        try:
+            return cls(policy=CropPolicy(**data.pop("policy", {})), **data)
+        except TypeError as error:
+            raise ValueError(f"latent config does not match this version: {error}") from None
+
+
+# Small enough for 2 CPU cores in seconds: 64² crops → 8×8 latents, targets 64–128 (the demo's task).
+EMBEDDED = LatentConfig(
+    policy=CropPolicy(input_side=64, min_side=64, max_side=128, step=16), samples_per_image=2, batch_size=16
+)

@@ -1,0 +1,155 @@
+"""Encode one ingest shard into one latent shard: pure function `encode_shard`, Ray actor `ShardEncoder`.
+
+A latent shard `NNNNN.parquet` (same name as its images shard) has LATENT_SCHEMA, one row per sample. The
+ground truth is not stored: it is the crop box of the source image (same key, same shard name) resized to
+the target size, which the trainer rebuilds (`crops.crop_pair`) instead of storing terabytes of targets.
+`NNNNN_stats.json` is written last and marks the shard done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipelines.latents.config import LatentConfig
+from pipelines.latents.crops import CropSample, crop_pair, decode_rgb, plan_crops
+
+DECODE_THREADS = 4
+DECODE_WINDOW = 16  # images decoded ahead of the encoder
+
+SAMPLE_COLUMNS = [
+    ("key", pa.string()),
+    ("sample_index", pa.int32()),
+    ("seed", pa.int64()),
+    ("crop_top", pa.int32()),
+    ("crop_left", pa.int32()),
+    ("crop_height", pa.int32()),
+    ("crop_width", pa.int32()),
+    ("target_height", pa.int32()),
+    ("target_width", pa.int32()),
+    ("scaling_factor", pa.float32()),
+    ("shift_factor", pa.float32()),
+]
+
+
+def latent_schema(shape: tuple[int, int, int], vae_source: str) -> pa.Schema:
+    """Flat float32 latents (C·h·w per row, C-order), with the shape and the VAE in the schema metadata."""
+    fields = [pa.field(name, kind, nullable=False) for name, kind in SAMPLE_COLUMNS]
+    fields.append(pa.field("latent", pa.list_(pa.float32(), int(np.prod(shape))), nullable=False))
+    metadata = {"latent_shape": json.dumps(list(shape)), "vae": vae_source}
+    return pa.schema(fields, metadata=metadata)
+
+
+def read_latents(table: pa.Table) -> np.ndarray:
+    """(rows, C, h, w) float32 from a latent shard table."""
+    shape = json.loads(table.schema.metadata[b"latent_shape"])
+    flat = table.column("latent").combine_chunks().flatten().to_numpy()
+    return flat.reshape(len(table), *shape)
+
+
+def _samples(
+    images: pa.Table, config: LatentConfig, skipped: Counter
+) -> Iterator[tuple[str, int, CropSample, np.ndarray]]:
+    keys, data = images.column("key").to_pylist(), images.column("image")
+    heights, widths = images.column("height").to_pylist(), images.column("width").to_pylist()
+
+    def prepare(index: int):
+        plan = plan_crops(keys[index], heights[index], widths[index], config.samples_per_image, config.seed,
+                          config.policy)  # fmt: skip
+        if not plan:
+            return index, plan, None, "too_small_for_targets"
+        try:
+            image = decode_rgb(data[index].as_py())
+        except OSError:
+            return index, plan, None, "decode_error"
+        return index, plan, [crop_pair(image, sample, config.policy.input_side)[0] for sample in plan], ""
+
+    # Pillow decodes and resizes without the GIL: a few threads keep the encoder fed, a window of images
+    # at a time (Executor.map would otherwise decode the whole shard ahead of the encoder).
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        for start in range(0, images.num_rows, DECODE_WINDOW):
+            window = range(start, min(start + DECODE_WINDOW, images.num_rows))
+            for index, plan, inputs, problem in pool.map(prepare, window):
+                if problem:
+                    skipped[problem] += 1
+                    continue
+                for sample_index, (sample, pixels) in enumerate(zip(plan, inputs)):
+                    yield keys[index], sample_index, sample, pixels
+
+
+def _encode_batch(vae, batch: list) -> np.ndarray:
+    pixels = torch.from_numpy(np.stack([item[3] for item in batch])).permute(0, 3, 1, 2)
+    images = pixels.float().div(127.5).sub(1.0)
+    mean, std = vae.encode_posterior(images)
+    # The noise of each sample comes from its own seed: its latent is the same in any batch.
+    noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(item[2].seed))
+                         for item in batch])  # fmt: skip
+    return (mean.cpu() + std.cpu() * noise).numpy()
+
+
+def encode_shard(images_path: str, output_dir: str, vae, vae_source: str, config: LatentConfig) -> dict:
+    filesystem, local = fsspec.core.url_to_fs(images_path)
+    with filesystem.open(local, "rb") as handle:
+        images = pq.read_table(handle, columns=["key", "image", "width", "height"])
+    name = local.rsplit("/", 1)[-1]
+    skipped: Counter = Counter()
+    rows: dict[str, list] = {column: [] for column, _ in SAMPLE_COLUMNS}
+    latents: list[np.ndarray] = []
+    batch: list = []
+    # Streamed: at 512² a shard's encoder inputs would take gigabytes if gathered first.
+    for item in itertools.chain(_samples(images, config, skipped), [None]):
+        if item is not None:
+            batch.append(item)
+        if batch and (item is None or len(batch) == config.batch_size):
+            latents.append(_encode_batch(vae, batch))
+            for key, sample_index, sample, _ in batch:
+                values = (
+                    key, sample_index, sample.seed, sample.top, sample.left, sample.height, sample.width,
+                    sample.target_height, sample.target_width, vae.scaling_factor, vae.shift_factor,
+                )  # fmt: skip
+                for (column, _), value in zip(SAMPLE_COLUMNS, values):
+                    rows[column].append(value)
+            batch = []
+    stacked = np.concatenate(latents) if latents else np.zeros((0, vae.latent_channels, 1, 1), np.float32)
+    side = config.policy.input_side // vae.downsample_factor
+    shape = (vae.latent_channels, side, side)
+    schema = latent_schema(shape, vae_source)
+    columns = [pa.array(rows[c], type=t) for c, t in SAMPLE_COLUMNS]
+    flat = pa.array(stacked.reshape(-1).astype(np.float32))
+    columns.append(pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape))))
+    table = pa.Table.from_arrays(columns, schema=schema)
+
+    out_fs, out_root = fsspec.core.url_to_fs(output_dir)
+    with out_fs.open(f"{out_root}/{name}.tmp", "wb") as handle:
+        pq.write_table(table, handle, row_group_size=256)
+    out_fs.mv(f"{out_root}/{name}.tmp", f"{out_root}/{name}")
+    stats = {"shard": name, "images": images.num_rows, "samples": table.num_rows, "skipped": dict(skipped)}
+    stats["images_used"] = images.num_rows - sum(skipped.values())
+    out_fs.pipe_file(f"{out_root}/{name.removesuffix('.parquet')}_stats.json", json.dumps(stats).encode())
+    return stats
+
+
+class ShardEncoder:
+    """Ray Data actor: loads the frozen VAE once, then encodes whole shards (one per call)."""
+
+    def __init__(self, config: LatentConfig, output_dir: str, threads: int = 1):
+        from pipelines.latents.vae_source import load_frozen_vae
+
+        torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.vae, self.vae_source = load_frozen_vae(config.vae, device)
+        self.config, self.output_dir = config, output_dir
+
+    def __call__(self, batch: dict) -> dict:
+        results = [encode_shard(str(path), self.output_dir, self.vae, self.vae_source, self.config)
+                   for path in batch["path"]]  # fmt: skip
+        return {"stats": np.array([json.dumps(result) for result in results])}

@@ -1,0 +1,145 @@
+"""The latent stage: ingest image shards → latent shards, on a Ray Data actor pool (one frozen VAE each).
+
+One latent shard per image shard, under the same name, so the trainer finds each sample's source image and a
+rerun skips every shard whose `NNNNN_stats.json` exists. The manifest accounts for every input image: used
+(with `samples_per_image` samples) or skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from pipelines.errors import StageError
+from pipelines.ingest.manifest import RunLock, code_version, read_json, resolve_inputs, write_json
+from pipelines.latents.config import LatentConfig
+from pipelines.latents.encode import ShardEncoder
+
+MANIFEST_VERSION = 1
+
+
+def _rows(path: str) -> int:
+    with fsspec.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def run_latents(
+    images: str,
+    output: str,
+    config: LatentConfig,
+    progress: Callable[[str], None] = print,
+    tracking: Callable[[dict, str], None] | None = None,
+) -> dict:
+    shards = resolve_inputs([images])  # a missing or empty folder fails here, before anything is written
+    inputs = [{"shard": path.rsplit("/", 1)[-1], "rows": _rows(path)} for path in shards]
+    filesystem, root = fsspec.core.url_to_fs(output)
+    filesystem.makedirs(root, exist_ok=True)
+    out = output.rstrip("/")
+    started = time.perf_counter()
+    with RunLock(f"{out}/_LOCK"):
+        wanted = {"config": config.to_dict(), "inputs": inputs}
+        record_path = f"{out}/latents.json"
+        if filesystem.exists(f"{root}/latents.json"):
+            if read_json(record_path, "latent stage record") != wanted:
+                raise ValueError(
+                    f"{output} holds latents made from other images or another config; "
+                    "use a new output folder to encode with these"
+                )
+        else:
+            write_json(record_path, wanted)
+        done = {
+            p.rsplit("/", 1)[-1].removesuffix("_stats.json") for p in filesystem.glob(f"{root}/*_stats.json")
+        }
+        todo = [path for path in shards if path.rsplit("/", 1)[-1].removesuffix(".parquet") not in done]
+        progress(f"latents: {len(shards)} image shard(s), {len(todo)} to encode, {len(done)} done earlier")
+        if todo:
+            gpus = ray.cluster_resources().get("GPU", 0) > 0
+            encoded = ray.data.from_items(
+                [{"path": p} for p in todo], override_num_blocks=len(todo)
+            ).map_batches(
+                ShardEncoder,
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=min(config.encoders, len(todo))),
+                num_gpus=1 if gpus else 0,
+                num_cpus=1,
+                fn_constructor_kwargs={"config": config, "output_dir": output},
+            )
+            for row in encoded.iter_rows():
+                stats = json.loads(row["stats"])
+                progress(
+                    f"latents: {stats['shard']}: {stats['samples']} samples from {stats['images_used']} of "
+                    f"{stats['images']} images ({time.perf_counter() - started:.0f}s)"
+                )
+        manifest = _manifest(out, filesystem, root, inputs, config, time.perf_counter() - started)
+        write_json(f"{out}/manifest.json", manifest)
+        if manifest["status"] != "complete":
+            raise StageError(f"latent accounting failed: {manifest['problems']}")
+    progress(f"latents: {manifest['counts']['samples']} samples from {manifest['counts']['images']} images")
+    if tracking is not None:
+        tracking(manifest, f"{out}/manifest.json")
+    return manifest
+
+
+def _manifest(
+    out: str, filesystem, root: str, inputs: list[dict], config: LatentConfig, seconds: float
+) -> dict:
+    skipped: Counter = Counter()
+    totals = Counter()
+    vae, shape = None, None
+    for entry in inputs:
+        stem = entry["shard"].removesuffix(".parquet")
+        stats = json.loads(filesystem.cat_file(f"{root}/{stem}_stats.json"))
+        skipped.update(stats["skipped"])
+        totals.update(images=stats["images"], images_used=stats["images_used"], samples=stats["samples"])
+        if vae is None:
+            metadata = pq.read_schema(filesystem.open(f"{root}/{entry['shard']}", "rb")).metadata
+            vae, shape = metadata[b"vae"].decode(), json.loads(metadata[b"latent_shape"])
+    counts = {"images": totals["images"], "images_used": totals["images_used"], "skipped": dict(skipped),
+              "samples": totals["samples"]}  # fmt: skip
+    problems = []
+    if counts["images"] != sum(entry["rows"] for entry in inputs):
+        problems.append(f"{counts['images']} images encoded, {sum(e['rows'] for e in inputs)} in the input")
+    if counts["images_used"] + sum(skipped.values()) != counts["images"]:
+        problems.append("used + skipped images do not add up to the input images")
+    if counts["samples"] != counts["images_used"] * config.samples_per_image:
+        problems.append(f"{counts['samples']} samples, expected {config.samples_per_image} per used image")
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "status": "complete" if not problems else "unbalanced",
+        "problems": problems,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_version": code_version(),
+        "config": config.to_dict(),
+        "vae": vae,
+        "latent_shape": shape,
+        "inputs": inputs,
+        "counts": counts,
+        "seconds": round(seconds, 1),
+        "layout": {"latents": "NNNNN.parquet", "stats": "NNNNN_stats.json"},
+    }
+
+
+def latent_digest(output: str) -> str:
+    """sha256 over every shard's latents and sample columns, in shard order: equal digests = equal latents."""
+    import hashlib
+
+    filesystem, root = fsspec.core.url_to_fs(output)
+    digest = hashlib.sha256()
+    for path in sorted(filesystem.glob(f"{root}/*.parquet")):
+        with filesystem.open(path, "rb") as handle:
+            table = pq.read_table(handle)
+        for column in table.column_names:
+            chunk = table.column(column).combine_chunks()
+            if column == "latent":
+                digest.update(np.ascontiguousarray(chunk.flatten().to_numpy()).tobytes())
+            else:
+                digest.update(json.dumps(chunk.to_pylist()).encode())
+    return digest.hexdigest()
