@@ -1,0 +1,122 @@
+"""Training configuration: one typed tree per stage; the DeepSpeed JSON is generated from it, never written by
+hand (so precision, batch and clipping cannot disagree between our loop and DeepSpeed's)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    peak_lr: float = 2e-4
+    final_lr: float = 1e-5
+    warmup_steps: int = 5_000
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    discriminator_lr: float = 1e-4
+    discriminator_betas: tuple[float, float] = (0.5, 0.9)
+    gradient_clipping: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "stage1"
+    model_preset: str = "paper"
+    model_overrides: dict = field(default_factory=dict)
+    steps: int = 500_000
+    global_batch: int = 32
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema_decay: float = 0.9999
+    l1_weight: float = 1.0
+    perceptual_weight: float = 0.1
+    gan_weight: float = 0.1
+    gan_start_step: int = 50_000
+    loss_crop: int = 512  # LPIPS and the discriminator see random crops of this side (memory at 2048²)
+    discriminator_channels: int = 64
+    precision: str = "bf16"  # "bf16" or "fp32" ("fp16" is not supported on CPU, and bf16 is safer on GPU)
+    zero_stage: int = 1
+    num_workers: int = 8
+    use_gpu: bool = True
+    checkpoint_every: int = 5_000
+    log_every: int = 50
+    validation_sizes: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024), (768, 1344))
+    seed: int = 0
+    fail_at_step: int | None = None  # testing: raise once at this step (exercises restart-from-checkpoint)
+    mlflow_experiment: str = "infgen-train"
+
+    def __post_init__(self):
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.global_batch % self.num_workers:
+            raise ValueError(
+                f"global_batch {self.global_batch} is not divisible by num_workers {self.num_workers}"
+            )
+        if self.steps < 1 or self.checkpoint_every < 1:
+            raise ValueError("steps and checkpoint_every must be ≥ 1")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.global_batch // self.num_workers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        optimizer = dict(data.pop("optimizer", {}))
+        for key in ("betas", "discriminator_betas"):
+            if key in optimizer:
+                optimizer[key] = tuple(optimizer[key])
+        data["validation_sizes"] = tuple(tuple(size) for size in data.get("validation_sizes", ()))
+        return cls(optimizer=OptimizerConfig(**optimizer), **data)
+
+    def deepspeed_config(self, discriminator: bool = False) -> dict:
+        """DeepSpeed's JSON for the generator (or the discriminator) engine."""
+        optimizer = self.optimizer
+        lr, betas = (
+            (optimizer.discriminator_lr, optimizer.discriminator_betas)
+            if discriminator
+            else (optimizer.peak_lr, optimizer.betas)
+        )
+        config = {
+            "train_micro_batch_size_per_gpu": self.micro_batch,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": self.global_batch,
+            "gradient_clipping": optimizer.gradient_clipping,
+            "zero_optimization": {"stage": self.zero_stage},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": lr,
+                    "betas": list(betas),
+                    "weight_decay": 0.0 if discriminator else optimizer.weight_decay,
+                    "torch_adam": True,  # torch's AdamW: no cpu_adam JIT build, runs on CPU and GPU
+                },
+            },
+            "bf16": {"enabled": self.precision == "bf16"},
+            "steps_per_print": 10**9,  # progress is ours (and MLflow's)
+            "wall_clock_breakdown": False,
+        }
+        return config
+
+
+STAGE1 = TrainConfig()
+STAGE2 = dataclasses.replace(
+    STAGE1, stage="stage2", steps=100_000, global_batch=8, gan_start_step=0, checkpoint_every=2_000,
+    validation_sizes=((1024, 1024), (2048, 2048), (1152, 2048)),
+)  # fmt: skip
+# The same two stages at CPU scale: tiny model, 8×8 latents → ≤ 128² targets, 2 workers, fp32.
+STAGE1_SMALL = dataclasses.replace(
+    STAGE1, stage="stage1-small", model_preset="tiny", model_overrides={"in_distribution_scale": 2.0},
+    steps=12, global_batch=4, num_workers=2, use_gpu=False, precision="fp32", zero_stage=0,
+    gan_start_step=6, loss_crop=32, discriminator_channels=16, checkpoint_every=4, log_every=1,
+    ema_decay=0.9, optimizer=OptimizerConfig(peak_lr=1e-3, final_lr=5e-5, warmup_steps=2),
+    validation_sizes=((64, 64), (128, 128), (96, 160)),
+)  # fmt: skip
+STAGE2_SMALL = dataclasses.replace(
+    STAGE1_SMALL, stage="stage2-small", steps=8, global_batch=2, gan_start_step=0,
+    validation_sizes=((128, 128), (256, 256), (128, 224)),
+)  # fmt: skip
+PRESETS = {"stage1": STAGE1, "stage2": STAGE2, "stage1-small": STAGE1_SMALL, "stage2-small": STAGE2_SMALL}

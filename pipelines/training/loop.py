@@ -1,0 +1,185 @@
+"""The per-worker training loop (Ray Train TorchTrainer), with two DeepSpeed engines: decoder and PatchGAN.
+
+Exact resume: a checkpoint holds both engines (weights, optimizer and LR-scheduler state), the EMA decoder
+and the step; batches are a pure function of the step (pipelines/training/data.py) and every random crop of
+the loss comes from a generator seeded by (seed, step, rank), so a resumed run repeats the uninterrupted one
+step for step. Bad data policy: a latent batch of the wrong shape or with non-finite values is an error
+naming the batch (a data bug to fix, not noise); a non-finite loss skips the step on every rank, is counted
+and logged, and more than `MAX_SKIPPED_IN_A_ROW` in a row stops the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+MAX_SKIPPED_IN_A_ROW = 5
+
+
+def lr_lambda(config):
+    """Linear warm-up to the peak, then cosine decay to `final_lr` at the last step (as a factor of peak)."""
+    optimizer = config.optimizer
+    floor = optimizer.final_lr / optimizer.peak_lr
+
+    def factor(step: int) -> float:
+        if step < optimizer.warmup_steps:
+            return (step + 1) / optimizer.warmup_steps
+        progress = (step - optimizer.warmup_steps) / max(1, config.steps - optimizer.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases or the INPE (infgen-paper.md §2.2)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim < 2 or "inpe" in name else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _crop_generator(seed: int, step: int, rank: int, which: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 64 + rank) * 2 + which)
+
+
+def train_loop(loop_config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    import infgen
+    from infgen.discriminator import DiscriminatorConfig
+    from infgen.losses import DecoderLoss, LossConfig
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.data import LatentBatches
+    from pipelines.training.mlflow_rank0 import RankZeroLogger
+
+    config = TrainConfig.from_dict(loop_config["train"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+
+    model = infgen.InfGen(infgen.preset(config.model_preset, **config.model_overrides))
+    if loop_config.get("init_from"):
+        model.load_state_dict(infgen.load(loop_config["init_from"]).state_dict())
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # fp32, whatever precision the engine trains in
+    loss = DecoderLoss(
+        LossConfig(
+            l1_weight=config.l1_weight,
+            perceptual_weight=config.perceptual_weight,
+            gan_weight=config.gan_weight,
+            gan_start_step=config.gan_start_step,
+            perceptual_crop=config.loss_crop,
+            discriminator=DiscriminatorConfig(base_channels=config.discriminator_channels, norm_groups=16),
+        )
+    )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=parameter_groups(model, config.optimizer.weight_decay),
+        config=config.deepspeed_config(),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config)),
+    )
+    discriminator, _, _, _ = deepspeed.initialize(
+        model=loss.discriminator,
+        model_parameters=loss.discriminator.parameters(),
+        config=config.deepspeed_config(discriminator=True),
+    )
+    data = LatentBatches(loop_config["latents"], loop_config["images"], config.global_batch, config.seed)
+    logger = RankZeroLogger(loop_config, rank)
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(os.path.join(directory, "generator"))
+            discriminator.load_checkpoint(os.path.join(directory, "discriminator"))
+            state = torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=True)
+        ema.load_state_dict(state["ema"])
+        start_step = int(state["step"])
+        logger.line(f"train: resumed at step {start_step} from {checkpoint.path}")
+
+    expected_latent = (model.config.latent_channels,)
+    skipped_total, skipped_in_a_row = 0, 0
+    for step in range(start_step, config.steps):
+        _maybe_fail(config, step, loop_config)
+        latents, truth = data.batch(step, rank, world)
+        if latents.shape[1:2] != expected_latent:
+            raise ValueError(
+                f"batch {step}: latents of shape {tuple(latents.shape)}, decoder expects C={expected_latent[0]}"
+            )
+        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        latents, truth = latents.to(engine.device, dtype), truth.to(engine.device, dtype)
+        size = tuple(truth.shape[-2:])
+        prediction = engine(latents, size)
+        losses = loss.generator_loss(
+            prediction, truth, step, generator=_crop_generator(config.seed, step, rank, 0)
+        )
+        # Every rank must take the same branch, or the collectives in backward/step would hang.
+        finite = torch.tensor([float(torch.isfinite(losses["total"]).item())])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            skipped_total, skipped_in_a_row = skipped_total + 1, skipped_in_a_row + 1
+            logger.line(f"train: step {step}: non-finite loss, batch skipped ({skipped_total} so far)")
+            if skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
+                raise FloatingPointError(f"{skipped_in_a_row} non-finite losses in a row at step {step}")
+            continue
+        skipped_in_a_row = 0
+        engine.backward(losses["total"])
+        engine.step()
+        metrics = {name: value.item() for name, value in losses.items()}
+        if loss.gan_active(step):
+            d_losses = loss.discriminator_loss(
+                prediction, truth, step, _crop_generator(config.seed, step, rank, 1)
+            )
+            discriminator.backward(d_losses["discriminator"])
+            discriminator.step()
+            metrics.update({name: value.item() for name, value in d_losses.items()})
+        with torch.no_grad():
+            for average, current in zip(ema.parameters(), model.parameters()):
+                average.lerp_(current.detach().float().to(average.dtype), 1 - config.ema_decay)
+        metrics.update(lr=scheduler.get_last_lr()[0], skipped_batches=skipped_total)
+        logger.step(step, metrics, every=config.log_every)
+
+        done = step + 1
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            _checkpoint(engine, discriminator, ema, done, rank, metrics, Checkpoint, config)
+
+    if rank == 0:
+        logger.finish(ema, data, config)
+
+
+def _maybe_fail(config, step: int, loop_config: dict) -> None:
+    """Testing hook: fail once at `fail_at_step`, so Ray Train restarts the workers from the last checkpoint."""
+    if config.fail_at_step != step:
+        return
+    marker = Path(loop_config["storage"]) / loop_config["name"] / "injected_failure"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+
+
+def _checkpoint(engine, discriminator, ema, step: int, rank: int, metrics: dict, Checkpoint, config) -> None:
+    import ray.train
+
+    import infgen
+
+    with tempfile.TemporaryDirectory() as directory:
+        # Separate folders: each engine writes its own `latest` tag file.
+        engine.save_checkpoint(os.path.join(directory, "generator"), tag=f"step{step}")
+        discriminator.save_checkpoint(os.path.join(directory, "discriminator"), tag=f"step{step}")
+        if rank == 0:
+            torch.save({"ema": ema.state_dict(), "step": step}, os.path.join(directory, "trainer_state.pt"))
+            infgen.save(ema, os.path.join(directory, "ema_decoder"), {"step": step, "stage": config.stage})
+            Path(directory, "step.json").write_text(json.dumps({"step": step}))
+        # Every rank reports (a barrier); Ray merges the ranks' folders into one persisted checkpoint.
+        ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(directory))

@@ -1,0 +1,67 @@
+"""What rank 0 records during training: progress lines, a per-step loss log (JSON lines, beside the Ray Train
+run), MLflow metrics, and at the end the EMA decoder and a validation grid. Other ranks record nothing."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class RankZeroLogger:
+    def __init__(self, loop_config: dict, rank: int):
+        self.active = rank == 0
+        self.run_id = loop_config.get("mlflow_run_id")
+        self.output = Path(loop_config["storage"]) / loop_config["name"]
+        self.client = None
+        if self.active and self.run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(loop_config["tracking_uri"])
+
+    def line(self, text: str) -> None:
+        if self.active:
+            print(text, flush=True)
+
+    def step(self, step: int, metrics: dict, every: int) -> None:
+        if not self.active:
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        with open(self.output / "losses.jsonl", "a") as handle:  # a resumed step is appended again
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if step % every == 0:
+            shown = "  ".join(
+                f"{k} {v:.4g}" for k, v in metrics.items() if k in ("total", "l1", "perceptual", "gan")
+            )
+            print(f"train: step {step}  {shown}  lr {metrics['lr']:.3g}", flush=True)
+            if self.client:
+                from mlflow.entities import Metric
+
+                timestamp = int(1000 * __import__("time").time())
+                batch = [Metric(name, float(value), timestamp, step) for name, value in metrics.items()]
+                self.client.log_batch(self.run_id, metrics=batch)
+
+    def finish(self, ema, data, config) -> None:
+        """Save the EMA decoder where the driver finds it, and log it with a validation grid to MLflow."""
+        import infgen
+
+        decoder_dir = self.output / "final_decoder"
+        infgen.save(ema, decoder_dir, {"stage": config.stage, "steps": config.steps})
+        latents, _ = data.batch(0, 0, 1)
+        latents = latents[: min(2, len(latents))]
+        if not self.client:
+            return
+        self.client.log_artifacts(self.run_id, str(decoder_dir), "decoder")
+        with torch.no_grad(), tempfile.TemporaryDirectory() as scratch:
+            for height, width in config.validation_sizes:
+                images = infgen.decode(ema, latents, (height, width))  # (B, 3, H, W) in [-1, 1]
+                grid = torch.cat(list(images), dim=2)  # side by side
+                array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+                path = Path(scratch) / f"validation_{height}x{width}.png"
+                from PIL import Image
+
+                Image.fromarray(np.ascontiguousarray(array)).save(path)
+                self.client.log_artifact(self.run_id, str(path), "validation")
