@@ -86,7 +86,7 @@ class LatentBatches:
         return self.cache[name]
 
     def batch(self, index: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents (b, C, h, w), ground truth (b, 3, H, W) in [-1, 1]) for this rank's slice of batch `index`."""
+        """(latents (b, C, h, w), truth (b, 3, H, W) in [-1, 1]) for this rank's slice of batch `index`."""
         refs = self.global_batch_refs(index)
         size = len(refs) // world_size
         latents, truths = [], []

@@ -113,7 +113,7 @@ def train_loop(loop_config: dict) -> None:
         latents, truth = data.batch(step, rank, world)
         if latents.shape[1:2] != expected_latent:
             raise ValueError(
-                f"batch {step}: latents of shape {tuple(latents.shape)}, decoder expects C={expected_latent[0]}"
+                f"batch {step}: latents of shape {tuple(latents.shape)}; decoder takes C={expected_latent[0]}"
             )
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         latents, truth = latents.to(engine.device, dtype), truth.to(engine.device, dtype)
@@ -157,7 +157,7 @@ def train_loop(loop_config: dict) -> None:
 
 
 def _maybe_fail(config, step: int, loop_config: dict) -> None:
-    """Testing hook: fail once at `fail_at_step`, so Ray Train restarts the workers from the last checkpoint."""
+    """Testing hook: fail once at `fail_at_step`; Ray Train then restarts the workers from a checkpoint."""
     if config.fail_at_step != step:
         return
     marker = Path(loop_config["storage"]) / loop_config["name"] / "injected_failure"
