@@ -4,6 +4,7 @@
     infgen demo [--run-dir runs/demo]
     infgen ingest (--metadata META... | --embedded ROWS | --regenerate MANIFEST) --output OUT
     infgen latents --images OUT/images --output LATENTS [--preset stage1|stage2|embedded] [--vae DIR]
+    infgen train --preset stage1|stage2|stage1-small|stage2-small --latents L --images I [--init-from D]
 
 Subcommands import their heavy dependencies only when they run, so `infgen --help` is instant.
 """
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     latents = commands.add_parser("latents", help="image shards → frozen-VAE latent shards (Ray Data)")
     add_latents_arguments(latents)
+
+    from jobs.train_command import add_arguments as add_train_arguments
+
+    train = commands.add_parser("train", help="one decoder training stage (Ray Train + DeepSpeed)")
+    add_train_arguments(train)
     return parser
 
 
@@ -73,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.latents_command import run_latents_command
 
             run_latents_command(args)
+        elif args.command == "train":
+            from jobs.train_command import run_train_command
+
+            run_train_command(args)
     except (ValueError, FileNotFoundError) as error:
         # Bad input is the user's to fix: say what is wrong, without a traceback through our internals.
         print(f"infgen {args.command}: error: {error}", file=sys.stderr)

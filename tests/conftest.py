@@ -42,7 +42,7 @@ def ray_address():
 
     from jobs.ray_session import OFFLINE_ENVIRONMENT
 
-    for name, value in {**OFFLINE_ENVIRONMENT, "RAY_AUTH_MODE": "disabled"}.items():
+    for name, value in {**OFFLINE_ENVIRONMENT, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}.items():
         os.environ.setdefault(name, value)
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": OFFLINE_ENVIRONMENT})
     yield ray.get_runtime_context().gcs_address
@@ -60,3 +60,16 @@ def embedded_images(ray_address, tmp_path_factory):
                  "--seed", "10", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]  # fmt: skip
     manifest = run_ingest_command(build_parser().parse_args(arguments))
     return {"images": root / "ingest" / "images", "manifest": manifest}
+
+
+@pytest.fixture(scope="session")
+def embedded_latents(embedded_images, tmp_path_factory):
+    """The latent stage (embedded preset) over `embedded_images`."""
+    from jobs.cli import build_parser
+    from jobs.latents_command import run_latents_command
+
+    output = tmp_path_factory.mktemp("embedded_latents") / "latents"
+    arguments = ["latents", "--images", str(embedded_images["images"]), "--output", str(output), "--preset",
+                 "embedded", "--tracking-uri", f"sqlite:///{output.parent / 'mlflow.db'}"]  # fmt: skip
+    manifest = run_latents_command(build_parser().parse_args(arguments))
+    return {"latents": output, "images": embedded_images["images"], "manifest": manifest}

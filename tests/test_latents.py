@@ -59,7 +59,7 @@ def test_every_image_is_accounted_for(embedded_images, latent_run):
     counts = latent_run["manifest"]["counts"]
     assert counts["images"] == embedded_images["manifest"]["counts"]["buckets"]["kept"]
     assert counts["images_used"] + sum(counts["skipped"].values()) == counts["images"]
-    assert counts["samples"] == 2 * counts["images_used"] > 0
+    assert counts["samples"] == 4 * counts["images_used"] > 0
     assert latent_run["manifest"]["latent_shape"] == [4, 8, 8]
     assert "substitute" in latent_run["manifest"]["vae"]
 
@@ -73,7 +73,7 @@ def test_a_sample_is_its_crop_encoded_with_its_own_noise(embedded_images, latent
     images = pq.read_table(embedded_images["images"] / shard.name)
     index = images.column("key").to_pylist().index(row["key"])
     image = decode_rgb(images.column("image")[index].as_py())
-    sample = plan_crops(row["key"], image.height, image.width, 2, seed=0, policy=CropPolicy(64, 64, 128, 16))
+    sample = plan_crops(row["key"], image.height, image.width, 4, seed=0, policy=CropPolicy(64, 64, 128, 32))
     sample = sample[row["sample_index"]]
     assert (sample.top, sample.left, sample.height, sample.width) == (
         row["crop_top"], row["crop_left"], row["crop_height"], row["crop_width"])  # fmt: skip

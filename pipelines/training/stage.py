@@ -79,6 +79,8 @@ def run_training(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # CPU workers: tell DeepSpeed so, rather than let it probe a CUDA build of torch
+            worker_runtime_env=None if config.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
         ),
     )
     result = trainer.fit()

@@ -1,0 +1,101 @@
+"""Training on Ray Train with two DeepSpeed engines (2 CPU workers, gloo, fp32): both small stages, MLflow,
+and a run that fails mid-way and resumes to the same losses, step for step, as the uninterrupted run."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import infgen
+from pipelines.training.config import STAGE1_SMALL, STAGE2_SMALL, TrainConfig
+from pipelines.training.data import LatentBatches
+from pipelines.training.stage import run_training
+
+
+def losses_by_step(path):
+    """The last logged value of each step (a resumed run logs its replayed steps again)."""
+    by_step = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def stage1(embedded_latents, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("train")
+    tracking = f"sqlite:///{storage / 'mlflow.db'}"
+    latents, images = str(embedded_latents["latents"]), str(embedded_latents["images"])
+    result = run_training(STAGE1_SMALL, latents, images, str(storage), "stage1", tracking)
+    return {"storage": storage, "tracking": tracking, "latents": latents, "images": images, "result": result}
+
+
+def test_config_generates_the_deepspeed_json():
+    config = STAGE1_SMALL.deepspeed_config()
+    assert config["train_batch_size"] == 4 and config["train_micro_batch_size_per_gpu"] == 2
+    assert config["bf16"] == {"enabled": False} and config["optimizer"]["params"]["torch_adam"] is True
+    assert TrainConfig().deepspeed_config()["bf16"] == {"enabled": True}
+    assert TrainConfig.from_dict(json.loads(json.dumps(STAGE2_SMALL.to_dict()))) == STAGE2_SMALL
+    with pytest.raises(ValueError, match="not divisible"):
+        dataclasses.replace(STAGE1_SMALL, global_batch=5)
+
+
+def test_batches_are_bucketed_and_a_pure_function_of_the_step(embedded_latents):
+    data = LatentBatches(str(embedded_latents["latents"]), str(embedded_latents["images"]), 4, seed=0)
+    again = LatentBatches(str(embedded_latents["latents"]), str(embedded_latents["images"]), 4, seed=0)
+    for index in (0, 3, 50):
+        latents, truth = data.batch(index, rank=1, world_size=2)
+        assert latents.shape == (2, 4, 8, 8) and truth.shape[:2] == (2, 3)
+        assert len({ref.target for ref in data.global_batch_refs(index)}) == 1  # one target size per batch
+        other_latents, other_truth = again.batch(index, rank=1, world_size=2)
+        assert torch.equal(latents, other_latents) and torch.equal(truth, other_truth)
+
+
+def test_two_small_stages_train_and_log_to_mlflow(stage1):
+    from mlflow import MlflowClient
+
+    decoder = infgen.load(stage1["result"]["decoder"])
+    latents = torch.randn(1, 4, 8, 8)
+    assert infgen.decode(decoder, latents, (72, 136)).shape == (1, 3, 72, 136)
+
+    client = MlflowClient(stage1["tracking"])
+    run = client.get_run(stage1["result"]["mlflow_run_id"])
+    assert run.data.params["stage"] == "stage1-small" and run.data.params["optimizer.peak_lr"] == "0.001"
+    history = client.get_metric_history(run.info.run_id, "l1")
+    assert sorted(m.step for m in history) == list(range(STAGE1_SMALL.steps))
+    assert {m.key for m in client.get_metric_history(run.info.run_id, "discriminator")} == {"discriminator"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"decoder", "validation", "deepspeed_generator.json"} <= artifacts
+    assert len(client.list_artifacts(run.info.run_id, "validation")) == len(STAGE1_SMALL.validation_sizes)
+
+    # stage 2 starts from stage 1's final decoder
+    storage, tracking = str(stage1["storage"]), stage1["tracking"]
+    second = run_training(
+        STAGE2_SMALL, stage1["latents"], stage1["images"], storage, "stage2", tracking,
+        init_from=stage1["result"]["decoder"],
+    )  # fmt: skip
+    assert second["mlflow_run_id"] != run.info.run_id
+    assert client.get_run(second["mlflow_run_id"]).data.params["stage"] == "stage2-small"
+    assert infgen.load(second["decoder"]).config == decoder.config
+
+
+def test_a_run_that_fails_mid_way_resumes_to_the_same_losses(stage1):
+    failing = dataclasses.replace(STAGE1_SMALL, fail_at_step=6)  # checkpoints every 4 steps: resumes at 4
+    run_training(
+        failing, stage1["latents"], stage1["images"], str(stage1["storage"]), "failed", stage1["tracking"]
+    )
+    assert (stage1["storage"] / "failed" / "injected_failure").read_text() == "6"
+    resumed = losses_by_step(stage1["storage"] / "failed" / "losses.jsonl")
+    replayed = [
+        json.loads(line)["step"]
+        for line in (stage1["storage"] / "failed" / "losses.jsonl").read_text().splitlines()
+    ]
+    assert (
+        replayed.count(4) == 2 and replayed.count(5) == 2
+    )  # steps 4–5 ran twice: before and after the failure
+    uninterrupted = losses_by_step(stage1["storage"] / "stage1" / "losses.jsonl")
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(STAGE1_SMALL.steps))
+    for step in range(STAGE1_SMALL.steps):
+        for name in ("total", "l1", "perceptual", "gan", "lr"):
+            assert resumed[step][name] == pytest.approx(uninterrupted[step][name], abs=1e-6), (step, name)
