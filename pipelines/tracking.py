@@ -10,6 +10,11 @@ import os
 from pathlib import Path
 
 
+def absolute(path: str) -> str:
+    """Local paths made absolute (Ray workers run in other directories); URLs unchanged."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
 

@@ -24,6 +24,8 @@ def resolve_inputs(paths: list[str]) -> list[str]:
         filesystem, local = fsspec.core.url_to_fs(path)
         protocol = filesystem.protocol if isinstance(filesystem.protocol, str) else filesystem.protocol[0]
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+        if not prefix:
+            local = os.path.abspath(local)  # recorded in manifests and read by Ray workers elsewhere
         if filesystem.isdir(local):
             found = sorted(filesystem.glob(local.rstrip("/") + "/*.parquet"))
             if not found:

@@ -35,6 +35,7 @@ from pipelines.ingest.manifest import (
     write_json,
 )
 from pipelines.ingest.verification import VerifyingResizer, verify_shard
+from pipelines.tracking import absolute
 
 Progress = Callable[[str], None]
 
@@ -279,7 +280,7 @@ def run_ingest(
 ) -> dict:
     """Run (or resume) the stage; returns the manifest. `tracking(manifest, manifest_path)` logs it."""
     paths = resolve_inputs(metadata)  # bad input fails here, before anything is created
-    layout = IngestLayout(output)
+    layout = IngestLayout(absolute(output))  # Ray tasks do not share the driver's current directory
     layout.make_directories()
     started = time.perf_counter()
     with RunLock(layout.lock):

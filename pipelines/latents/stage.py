@@ -21,6 +21,7 @@ from pipelines.errors import StageError
 from pipelines.ingest.manifest import RunLock, code_version, read_json, resolve_inputs, write_json
 from pipelines.latents.config import LatentConfig
 from pipelines.latents.encode import ShardEncoder
+from pipelines.tracking import absolute
 
 MANIFEST_VERSION = 1
 
@@ -37,6 +38,7 @@ def run_latents(
     progress: Callable[[str], None] = print,
     tracking: Callable[[dict, str], None] | None = None,
 ) -> dict:
+    images, output = absolute(images), absolute(output)  # the actors do not share the driver's directory
     shards = resolve_inputs([images])  # a missing or empty folder fails here, before anything is written
     inputs = [{"shard": path.rsplit("/", 1)[-1], "rows": _rows(path)} for path in shards]
     filesystem, root = fsspec.core.url_to_fs(output)

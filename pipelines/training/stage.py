@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipelines.tracking import flatten, local_artifact_location
+from pipelines.tracking import absolute, flatten, local_artifact_location
 from pipelines.training.config import TrainConfig
 from pipelines.training.loop import train_loop
 
@@ -54,7 +54,8 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = str(Path(storage).resolve()) if "://" not in storage else storage
+    storage, latents, images = absolute(storage), absolute(latents), absolute(images)
+    init_from = absolute(init_from) if init_from else None
     run_id = mlflow_run(tracking_uri, config, name, parent_run_id)
     loop_config = {
         "train": config.to_dict(),
