@@ -1,7 +1,8 @@
 """`infgen demo`: the pipeline so far in a few CPU minutes, with no network and no downloads.
 
-0. The ingest stage on the embedded source (Ray, img2dataset over HTTP on 127.0.0.1, Parquet, MLflow): the
-   same code path as real LAION metadata, resumed (a no-op) when the demo is run again.
+0. The pipeline stages on the embedded source, as their commands run them: ingest (Ray, img2dataset over HTTP
+   on 127.0.0.1, Parquet, MLflow), latents (Ray Data actors, frozen VAE) and the two small training stages
+   (Ray Train + DeepSpeed). Each resumes (a no-op) when the demo is run again.
 1. A frozen KL-f8 VAE: the embedded offline substitute (trained once on synthetic images, then cached).
 2. A `tiny` InfGen trained with plain torch for a few hundred steps: 64² crops → 8×8 latents → decoded at
    one of several sizes up to 2× (128²), the paper's recipe scaled down from 512² → ≤1024².
@@ -62,10 +63,29 @@ def ingest_step(run_dir: Path) -> dict:
     return {"manifest": str(run_dir / "ingest" / "manifest.json"), **manifest["counts"]}
 
 
+def latents_and_training_step(run_dir: Path) -> dict:
+    """The latent stage and both small training stages (Ray Train + DeepSpeed), as their commands run them."""
+    from jobs.cli import build_parser
+    from jobs.latents_command import run_latents_command
+    from jobs.train_command import run_train_command
+
+    images, latents = str(run_dir / "ingest" / "images"), str(run_dir / "latents")
+    parse = build_parser().parse_args
+    latent_manifest = run_latents_command(parse(["latents", "--images", images, "--output", latents,
+                                                 "--preset", "embedded"]))  # fmt: skip
+    common = ["--latents", latents, "--images", images, "--storage", str(run_dir / "train")]
+    first = run_train_command(parse(["train", "--preset", "stage1-small", "--name", "stage1", *common]))
+    second = run_train_command(parse(["train", "--preset", "stage2-small", "--name", "stage2", *common,
+                                      "--init-from", first["decoder"]]))  # fmt: skip
+    return {"latent_samples": latent_manifest["counts"]["samples"], "stage1_decoder": first["decoder"],
+            "stage2_decoder": second["decoder"]}  # fmt: skip
+
+
 def run_demo(run_dir: str | Path = "runs/demo", steps: int | None = None) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ingest = ingest_step(run_dir)
+    pipeline = latents_and_training_step(run_dir)
     steps = steps or DEFAULT_STEPS
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -107,6 +127,7 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int | None = None) -> dic
         "psnr_infgen_2x_db": round(psnr(ours, holdout).mean().item(), 2),
         "psnr_vae_bicubic_2x_db": round(psnr(baseline, holdout).mean().item(), 2),
         "ingest": ingest,
+        "pipeline": pipeline,
     }
     for index in range(3):
         row = torch.cat([holdout[index], baseline[index], ours[index]], dim=2)  # truth | baseline | InfGen

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -109,6 +110,7 @@ def train_loop(loop_config: dict) -> None:
     expected_latent = (model.config.latent_channels,)
     skipped_total, skipped_in_a_row = 0, 0
     for step in range(start_step, config.steps):
+        step_started = time.perf_counter()
         _maybe_fail(config, step, loop_config)
         latents, truth = data.batch(step, rank, world)
         if latents.shape[1:2] != expected_latent:
@@ -146,6 +148,7 @@ def train_loop(loop_config: dict) -> None:
             for average, current in zip(ema.parameters(), model.parameters()):
                 average.lerp_(current.detach().float().to(average.dtype), 1 - config.ema_decay)
         metrics.update(lr=scheduler.get_last_lr()[0], skipped_batches=skipped_total)
+        metrics["step_seconds"] = time.perf_counter() - step_started  # data + forward + backward + steps
         logger.step(step, metrics, every=config.log_every)
 
         done = step + 1
