@@ -1,7 +1,7 @@
 """Latent stage benchmark: samples/s of the whole stage (Ray Data actor pool, one frozen VAE per actor,
-Parquet latent shards, stats and manifest) against a bare single-process torch loop doing the same per-sample work
-(decode, crop, resize, encode with per-sample noise) over the same images with the same encoder, in the
-same run. Target: stage / bare ≥ 0.9.
+Parquet latent shards, stats and manifest) against a bare single-process torch loop doing the same
+per-sample work (decode, crop, resize, encode with per-sample noise) over the same images with the same
+encoder, in the same run. Target: stage / bare ≥ 0.9.
 
     infra/isolated.sh .venv/bin/python bench/latents.py [--images 48] [--preset stage1]
 
