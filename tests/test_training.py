@@ -99,3 +99,36 @@ def test_a_run_that_fails_mid_way_resumes_to_the_same_losses(stage1):
     for step in range(STAGE1_SMALL.steps):
         for name in ("total", "l1", "perceptual", "gan", "lr"):
             assert resumed[step][name] == pytest.approx(uninterrupted[step][name], abs=1e-6), (step, name)
+
+
+def test_bad_latents_stop_with_the_batch_named(embedded_latents, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    latents = tmp_path / "latents"
+    shutil.copytree(embedded_latents["latents"], latents)
+    for shard in sorted(latents.glob("*.parquet")):
+        table = pq.read_table(shard)
+        values = table.column("latent").combine_chunks()
+        flat = values.flatten().to_numpy().copy()
+        flat[:] = float("nan")  # every latent of every shard: whichever batch comes first meets one
+        poisoned = pa.FixedSizeListArray.from_arrays(pa.array(flat), values.type.list_size)
+        pq.write_table(table.set_column(table.schema.get_field_index("latent"), "latent", poisoned), shard)
+    data = LatentBatches(str(latents), str(embedded_latents["images"]), 4, seed=0)
+    with pytest.raises(ValueError, match="non-finite latents in global batch 0"):
+        data.batch(0, rank=0, world_size=2)
+
+
+def test_the_final_decoder_logged_to_mlflow_loads_back(stage1, tmp_path):
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(
+        run_id=stage1["result"]["mlflow_run_id"], artifact_path="decoder", dst_path=str(tmp_path),
+        tracking_uri=stage1["tracking"],
+    )  # fmt: skip
+    reloaded = infgen.load(local)
+    original = infgen.load(stage1["result"]["decoder"])
+    for (name, a), (_, b) in zip(reloaded.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), name

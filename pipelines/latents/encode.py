@@ -23,7 +23,7 @@ import torch
 from pipelines.latents.config import LatentConfig
 from pipelines.latents.crops import CropSample, crop_pair, decode_rgb, plan_crops
 
-DECODE_THREADS = 4
+DECODE_THREADS = 2
 DECODE_WINDOW = 16  # images decoded ahead of the encoder
 
 SAMPLE_COLUMNS = [
