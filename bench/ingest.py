@@ -30,6 +30,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import emit  # noqa: E402
 from jobs.ray_session import connect_ray  # noqa: E402
 from pipelines.ingest.config import DownloadConfig, IngestConfig  # noqa: E402
 from pipelines.ingest.download import img2dataset_arguments  # noqa: E402
@@ -138,10 +139,7 @@ def main(argv=None) -> int:
         lines.append(f"| {label} | {runs[0][0]} | {seconds} | {rate[name]:.1f} | {rate[name] / cores:.1f} |")
     verdict = "met" if ratio >= 0.9 else "MISSED"
     lines += ["", f"stage / plain = {ratio:.2f} (target ≥ 0.9: {verdict})"]
-    report = "\n".join(lines)
-    print(report)
-    if args.output:
-        Path(args.output).write_text(report + "\n")
+    emit(lines, args.output)
     return 0
 
 

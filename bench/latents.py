@@ -32,6 +32,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.report import emit  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -126,10 +128,7 @@ def main(argv=None) -> int:
         "",
         f"stage / bare = {ratio:.2f} (target ≥ 0.9: {'met' if ratio >= 0.9 else 'MISSED'})",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.output:
-        Path(args.output).write_text(report + "\n")
+    emit(lines, args.output)
     return 0
 
 

@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.report import emit  # noqa: E402
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per card
 
 
@@ -193,10 +195,7 @@ def gpu_mode(args) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     lines = gpu_mode(args) if args.device == "cuda" else cpu_mode(args)
-    report = "\n".join(lines)
-    print(report)
-    if args.output:
-        Path(args.output).write_text(report + "\n")
+    emit(lines, args.output)
     return 0
 
 

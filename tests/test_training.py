@@ -132,3 +132,47 @@ def test_the_final_decoder_logged_to_mlflow_loads_back(stage1, tmp_path):
     original = infgen.load(stage1["result"]["decoder"])
     for (name, a), (_, b) in zip(reloaded.state_dict().items(), original.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_a_killed_driver_resumes_to_the_same_losses(stage1, ray_address):
+    """SIGKILL the whole driver process group after the first checkpoint, rerun the same command: training
+    resumes from that checkpoint and logs the uninterrupted run's losses step for step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    storage = stage1["storage"]
+    command = [
+        sys.executable, "-m", "jobs.cli", "train", "--preset", "stage1-small", "--latents", stage1["latents"],
+        "--images", stage1["images"], "--storage", str(storage), "--name", "killed",
+        "--ray-address", ray_address, "--tracking-uri", stage1["tracking"],
+    ]  # fmt: skip
+    log = storage / "killed" / "losses.jsonl"
+    driver = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 300
+    # poll the file system for the condition (a checkpoint exists and later steps have run), with a deadline
+    while not (
+        list((storage / "killed").glob("checkpoint_*")) and log.exists() and len(log.read_text().split()) >= 6
+    ):
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    steps_before = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert max(steps_before) < STAGE1_SMALL.steps - 1, "the kill must land before the end"
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    resumed = losses_by_step(log)
+    uninterrupted = losses_by_step(storage / "stage1" / "losses.jsonl")
+    assert sorted(resumed) == list(range(STAGE1_SMALL.steps))
+    all_steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert len(all_steps) > STAGE1_SMALL.steps  # some steps ran before and after the kill
+    for step in range(STAGE1_SMALL.steps):
+        for name in ("total", "l1", "perceptual", "gan", "lr"):
+            assert resumed[step][name] == pytest.approx(uninterrupted[step][name], abs=1e-6), (step, name)
