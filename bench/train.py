@@ -156,7 +156,8 @@ def cpu_mode(args) -> list[str]:
     ]
 
 
-def gpu_mode(args) -> list[str]:
+def gpu_measure(args, checkpointing: bool) -> tuple[float, float, float]:
+    """(median s/step, FLOPs/step, peak GiB) of the plain loop for `paper` at 1024² on the GPU."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipelines.training.config import STAGE1
@@ -164,11 +165,12 @@ def gpu_mode(args) -> list[str]:
     device = "cuda"
     config = dataclasses.replace(STAGE1, gan_start_step=0)
     parts = build(config, device)
+    parts[0].set_activation_checkpointing(checkpointing)
     latents = torch.randn(args.batch, 4, 64, 64, device=device)
     truth = torch.rand(args.batch, 3, 1024, 1024, device=device) * 2 - 1
-    with FlopCounterMode(display=False) as counter:
-        plain_step(parts, latents, truth, 0, autocast=True)
-    flops = counter.get_total_flops()
+    plain_step(parts, latents, truth, 0, autocast=True)  # warm-up outside the counters
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(args.warmup + args.steps):
         torch.cuda.synchronize()
@@ -176,20 +178,33 @@ def gpu_mode(args) -> list[str]:
         plain_step(parts, latents, truth, step, autocast=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    seconds = statistics.median(times[args.warmup :])
+    memory = torch.cuda.max_memory_allocated() / 2**30
+    with FlopCounterMode(display=False) as counter:  # model FLOPs: recomputation is not counted as useful
+        parts[0].set_activation_checkpointing(False)
+        plain_step(parts, latents, truth, 0, autocast=True)
+    del parts
+    torch.cuda.empty_cache()
+    return statistics.median(times[args.warmup :]), counter.get_total_flops(), memory
+
+
+def gpu_mode(args) -> list[str]:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    mfu = flops / seconds / (peak * 1e12) if peak else float("nan")
-    memory = torch.cuda.max_memory_allocated() / 2**30
-    return [
+    lines = [
         f"Training step, {name}, preset `paper` (252.7M), 4×64×64 → 1024², batch {args.batch}, "
         f"bf16 autocast, GAN + LPIPS on 512² crops, torch {torch.__version__}",
         "",
-        "| median s/step | samples/s | TFLOP/step | MFU | peak GiB |",
-        "|---|---|---|---|---|",
-        f"| {seconds:.3f} | {args.batch / seconds:.2f} | {flops / 1e12:.2f} | {100 * mfu:.1f} % "
-        f"| {memory:.1f} |",
+        "| activation checkpointing | median s/step | samples/s | model TFLOP/step | MFU | peak GiB |",
+        "|---|---|---|---|---|---|",
     ]
+    for checkpointing in (False, True):
+        seconds, flops, memory = gpu_measure(args, checkpointing)
+        mfu = flops / seconds / (peak * 1e12) if peak else float("nan")
+        lines.append(
+            f"| {'on' if checkpointing else 'off'} | {seconds:.3f} | {args.batch / seconds:.2f} | "
+            f"{flops / 1e12:.2f} | {100 * mfu:.1f} % | {memory:.1f} |"
+        )
+    return lines
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from infgen.pixel_decoder import UPSAMPLE_FACTOR, PixelDecoder, PixelDecoderConfig
 from infgen.posenc import INPE, INPEConfig, normalized_grid
@@ -252,8 +253,20 @@ class InfGen(nn.Module):
             batch, -1, -1
         )  # (B, N, D)
         for block, block_keys_values in zip(self.query_blocks, keys_values):
-            x = block(x, block_keys_values)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, block_keys_values, use_reentrant=False)
+            else:
+                x = block(x, block_keys_values)
         return self.to_tokens(self.query_norm(x))  # (B, N, C_tok)
+
+    activation_checkpointing = False
+
+    def set_activation_checkpointing(self, enabled: bool) -> InfGen:
+        """Trade compute for memory in training: query blocks and pixel-decoder levels keep only their inputs
+        and are recomputed in backward (results unchanged). Inference (no grad) is not affected."""
+        self.activation_checkpointing = enabled
+        self.pixel_decoder.activation_checkpointing = enabled
+        return self
 
     def token_grid(
         self, latents: torch.Tensor, size: tuple[int, int], query_chunk: int | None = None

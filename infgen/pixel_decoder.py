@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 UPSAMPLE_FACTOR = 8  # one mask token per 8×8 output pixels, as in the paper
 
@@ -100,10 +101,18 @@ class PixelDecoder(nn.Module):
         self.norm_out = ChannelLayerNorm(current)
         self.conv_out = nn.Conv2d(current, config.out_channels, 3, padding=1)
 
+    activation_checkpointing = False  # set by InfGen.set_activation_checkpointing (training only)
+
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(grid)  # (B, C_deep, Hg, Wg)
         x = self.mid(x)
-        x = self.levels(x)  # (B, C_full, 8·Hg, 8·Wg)
+        for level in self.levels:  # → (B, C_full, 8·Hg, 8·Wg)
+            # Checkpointed, a level keeps only its input for backward and recomputes the rest: the
+            # full-resolution levels' activations are what fills GPU memory at 1024² and beyond.
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(level, x, use_reentrant=False)
+            else:
+                x = level(x)
         return self.conv_out(F.silu(self.norm_out(x)))  # (B, 3, 8·Hg, 8·Wg)
 
     def receptive_radius_cells(self) -> int:

@@ -178,3 +178,25 @@ def test_extrapolation_steps_at_most_double():
     assert extrapolation_sizes((64, 64), (1024, 1024), in_distribution_scale=2.0) == [(1024, 1024)]
     for before, after in zip(sizes, sizes[1:]):
         assert np.all(np.array(after) <= 2 * np.array(before))
+
+
+def test_activation_checkpointing_changes_memory_not_gradients():
+    from infgen.model import InfGen, preset
+
+    model = InfGen(preset("tiny"))
+    latents = torch.randn(2, 4, 8, 8)
+
+    def gradients(enabled):
+        model.zero_grad(set_to_none=True)
+        model.set_activation_checkpointing(enabled)
+        model(latents, (72, 96)).square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # inference ignores the flag
+        assert torch.equal(
+            model(latents, (40, 40)), model.set_activation_checkpointing(False)(latents, (40, 40))
+        )

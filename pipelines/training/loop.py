@@ -72,6 +72,7 @@ def train_loop(loop_config: dict) -> None:
     if loop_config.get("init_from"):
         model.load_state_dict(infgen.load(loop_config["init_from"]).state_dict())
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # fp32, whatever precision the engine trains in
+    model.set_activation_checkpointing(config.activation_checkpointing)
     loss = DecoderLoss(
         LossConfig(
             l1_weight=config.l1_weight,
