@@ -176,3 +176,13 @@ def test_a_killed_driver_resumes_to_the_same_losses(stage1, ray_address):
     for step in range(STAGE1_SMALL.steps):
         for name in ("total", "l1", "perceptual", "gan", "lr"):
             assert resumed[step][name] == pytest.approx(uninterrupted[step][name], abs=1e-6), (step, name)
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all(stage1):
+    config = dataclasses.replace(STAGE1_SMALL, steps=6, nan_loss_at_step=3, checkpoint_every=6)
+    run_training(
+        config, stage1["latents"], stage1["images"], str(stage1["storage"]), "nan", stage1["tracking"]
+    )
+    logged = losses_by_step(stage1["storage"] / "nan" / "losses.jsonl")
+    assert sorted(logged) == [0, 1, 2, 4, 5]  # step 3 skipped, and no rank hung waiting for the other
+    assert logged[2]["skipped_batches"] == 0 and logged[4]["skipped_batches"] == 1

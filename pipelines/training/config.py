@@ -44,6 +44,7 @@ class TrainConfig:
     validation_sizes: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024), (768, 1344))
     seed: int = 0
     fail_at_step: int | None = None  # testing: raise once at this step (exercises restart-from-checkpoint)
+    nan_loss_at_step: int | None = None  # testing: rank 0's loss is NaN at this step (exercises the skip)
     mlflow_experiment: str = "infgen-train"
 
     def __post_init__(self):

@@ -125,6 +125,8 @@ def train_loop(loop_config: dict) -> None:
         losses = loss.generator_loss(
             prediction, truth, step, generator=_crop_generator(config.seed, step, rank, 0)
         )
+        if config.nan_loss_at_step == step and rank == 0:  # testing hook: one rank only, the hard case
+            losses["total"] = losses["total"] * float("nan")
         # Every rank must take the same branch, or the collectives in backward/step would hang.
         finite = torch.tensor([float(torch.isfinite(losses["total"]).item())])
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
