@@ -128,7 +128,7 @@ def verify_shard(
         for column, value in zip(REJECT_COLUMNS, (keys[index], urls[index], stage, reason, detail)):
             rejects[column].append(value)
 
-    dropped = [c for c in ("width", "height", "original_width", "original_height", "status", "error_message")]
+    dropped = ("width", "height", "original_width", "original_height", "status", "error_message")
     kept = raw.take(np.asarray(kept_rows, dtype=np.int64)).drop_columns([c for c in dropped if c in columns])
     kept = kept.rename_columns([IMAGE_COLUMN if c == RAW_IMAGE_COLUMN else c for c in kept.column_names])
     kept = kept.append_column("width", pa.array(widths, pa.int32()))

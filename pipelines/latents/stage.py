@@ -102,7 +102,8 @@ def _manifest(
         skipped.update(stats["skipped"])
         totals.update(images=stats["images"], images_used=stats["images_used"], samples=stats["samples"])
         if vae is None:
-            metadata = pq.read_schema(filesystem.open(f"{root}/{entry['shard']}", "rb")).metadata
+            with filesystem.open(f"{root}/{entry['shard']}", "rb") as handle:
+                metadata = pq.read_schema(handle).metadata
             vae, shape = metadata[b"vae"].decode(), json.loads(metadata[b"latent_shape"])
     counts = {"images": totals["images"], "images_used": totals["images_used"], "skipped": dict(skipped),
               "samples": totals["samples"]}  # fmt: skip

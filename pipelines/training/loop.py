@@ -11,7 +11,6 @@ and logged, and more than `MAX_SKIPPED_IN_A_ROW` in a row stops the run.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import tempfile
@@ -186,6 +185,5 @@ def _checkpoint(engine, discriminator, ema, step: int, rank: int, metrics: dict,
         if rank == 0:
             torch.save({"ema": ema.state_dict(), "step": step}, os.path.join(directory, "trainer_state.pt"))
             infgen.save(ema, os.path.join(directory, "ema_decoder"), {"step": step, "stage": config.stage})
-            Path(directory, "step.json").write_text(json.dumps({"step": step}))
         # Every rank reports (a barrier); Ray merges the ranks' folders into one persisted checkpoint.
         ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(directory))
