@@ -27,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from infgen.pixel_decoder import UPSAMPLE_FACTOR, PixelDecoder, PixelDecoderConfig
 from infgen.posenc import INPE, INPEConfig, normalized_grid
 
+QUERY_INITS = ("learned", "latent_sample", "token_sample", "memory_sample")
+
 
 @dataclass(frozen=True)
 class InfGenConfig:
@@ -43,11 +45,20 @@ class InfGenConfig:
     # (infgen.decode.extrapolate) climbs beyond that in re-encoded steps of at most ×2.
     in_distribution_scale: float = 4.0
     max_output_side: int = 8192  # decode refuses larger sides: a typo of 40960 should not allocate 40 GB
+    # How a mask-token query starts. "learned": the paper's one learned vector + INPE (+ type embedding).
+    # The others add Linear(features bilinearly sampled at the query's own coordinates) to it:
+    # "latent_sample" the raw latent, "token_sample" the latent tokens after the input projection,
+    # "memory_sample" the memory after latent self-attention.
+    query_init: str = "learned"
 
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ValueError(
                 f"InfGenConfig.width={self.width} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.query_init not in QUERY_INITS:
+            raise ValueError(
+                f"InfGenConfig.query_init={self.query_init!r}; choose one of {sorted(QUERY_INITS)}"
             )
 
     def to_dict(self) -> dict:
@@ -61,6 +72,8 @@ class InfGenConfig:
         if unknown:
             raise ValueError(f"unknown InfGenConfig keys: {sorted(unknown)}")
         values = dict(values)
+        # Configs written before query_init existed describe models trained without it.
+        values.setdefault("query_init", "learned")
         if "inpe" in values:
             values["inpe"] = INPEConfig(**values["inpe"])
         if "decoder" in values:
@@ -212,6 +225,16 @@ class InfGen(nn.Module):
         self.query_norm = nn.LayerNorm(width)
         self.to_tokens = nn.Linear(width, config.decoder.in_channels)
         self.pixel_decoder = PixelDecoder(config.decoder)
+        self.query_in = None
+        if config.query_init != "learned":
+            # Registered and initialised last: every other weight draws the same random numbers as "learned".
+            sampled_channels = {
+                "latent_sample": config.latent_channels * patch * patch,
+                "token_sample": width,
+                "memory_sample": width,
+            }[config.query_init]
+            # skip_init: constructing draws no random numbers; initialize_weights sets it.
+            self.query_in = nn.utils.skip_init(nn.Linear, sampled_channels, width)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -219,7 +242,7 @@ class InfGen(nn.Module):
         # 3-layer INPE MLP: its output starts ~1e-3 and positions are drowned out (measured: the tiny
         # preset then barely fits one image in 200 steps).
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and module is not self.query_in:
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -228,30 +251,80 @@ class InfGen(nn.Module):
         for block in [*self.latent_blocks, *self.query_blocks]:
             nn.init.zeros_(block.attention.out.weight)
             nn.init.zeros_(block.mlp.fc2.weight)
+        if self.query_in is not None:
+            nn.init.xavier_uniform_(self.query_in.weight)
+            nn.init.zeros_(self.query_in.bias)
 
     def encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h_l, w_l) latents → (B, T, D) memory that every mask token reads from."""
+        return self.encode_latents_and_features(latents)[0]
+
+    def encode_latents_and_features(
+        self, latents: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Memory (B, T, D), and the feature map (B, C_f, h_l/p, w_l/p) that queries sample at their own
+        coordinates (None when config.query_init is "learned")."""
         patch = self.config.latent_patch_size
         batch, channels, rows, cols = latents.shape
-        tokens = F.unfold(latents, kernel_size=patch, stride=patch).transpose(1, 2)  # (B, T, C·p²)
-        x = self.latent_in(tokens)  # (B, T, D)
-        coords = normalized_grid(rows // patch, cols // patch, self.config.inpe.cell_centres)
+        grid_rows, grid_cols = rows // patch, cols // patch
+        patches = F.unfold(latents, kernel_size=patch, stride=patch)  # (B, C·p², T)
+        x = self.latent_in(patches.transpose(1, 2))  # (B, T, D)
+
+        def as_map(tokens: torch.Tensor) -> torch.Tensor:  # (B, T, C) → (B, C, rows, cols)
+            return tokens.transpose(1, 2).reshape(batch, -1, grid_rows, grid_cols)
+
+        features = {
+            "learned": None,
+            "latent_sample": patches.reshape(batch, -1, grid_rows, grid_cols),
+            "token_sample": as_map(x) if self.config.query_init == "token_sample" else None,
+        }.get(self.config.query_init)
+        coords = normalized_grid(grid_rows, grid_cols, self.config.inpe.cell_centres)
         x = x + self.inpe(coords.to(latents.device)).to(x.dtype) + self.token_type[self.LATENT]
         for block in self.latent_blocks:
             x = block(x)
-        return self.latent_norm(x)
+        memory = self.latent_norm(x)
+        if self.config.query_init == "memory_sample":
+            features = as_map(memory)
+        return memory, features
+
+    def sample_features(self, features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Bilinear sample of a (B, C, r, c) feature map at normalised `coords` (N, 2) → (B, N, C).
+
+        Feature cell (i, j) sits where normalized_grid puts latent token (i, j), so a query on a latent cell's
+        centre reads exactly that cell; beyond the outermost centres the border value is held. Each query's
+        sample depends on its own coordinate only: chunked decoding is unchanged.
+        """
+        batch, _, rows, cols = features.shape
+        # grid_sample (align_corners=False) puts cell k of n at (2k + 1) / n - 1, i.e. 2·x̂ - 1 for cell-centre
+        # coordinates x̂ = (k + 0.5) / n; bare coordinates k / n need the half-cell shift.
+        shift = 0.0 if self.config.inpe.cell_centres else 0.5
+        scale = torch.tensor([1.0 / cols, 1.0 / rows], dtype=coords.dtype, device=coords.device)
+        grid = (2 * (coords + shift * scale) - 1).to(features.dtype)
+        grid = grid.view(1, 1, -1, 2).expand(batch, -1, -1, -1)
+        sampled = F.grid_sample(
+            features, grid, mode="bilinear", padding_mode="border", align_corners=False
+        )  # (B, C, 1, N)
+        return sampled[:, :, 0].transpose(1, 2)
 
     def decode_tokens(
         self,
         keys_values: list[tuple[torch.Tensor, torch.Tensor]],
         coords: torch.Tensor,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run a set of mask tokens at normalised `coords` (N, 2) through the query blocks → (B, N, C_tok)."""
+        """Run a set of mask tokens at normalised `coords` (N, 2) through the query blocks → (B, N, C_tok).
+
+        features: the map from encode_latents_and_features; required unless config.query_init is "learned".
+        """
         batch = keys_values[0][0].shape[0]
         position = self.inpe(coords)  # (N, D)
         x = (self.mask_token + self.token_type[self.MASK] + position.to(self.mask_token.dtype)).expand(
             batch, -1, -1
         )  # (B, N, D)
+        if self.config.query_init != "learned":
+            if features is None:
+                raise ValueError(f"query_init={self.config.query_init!r} needs the sampled feature map")
+            x = x + self.query_in(self.sample_features(features, coords))
         for block, block_keys_values in zip(self.query_blocks, keys_values):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, block_keys_values, use_reentrant=False)
@@ -272,7 +345,7 @@ class InfGen(nn.Module):
         self, latents: torch.Tensor, size: tuple[int, int], query_chunk: int | None = None
     ) -> torch.Tensor:
         """Everything before the pixel decoder: (B, C_tok, ⌈h/8⌉, ⌈w/8⌉)."""
-        memory = self.encode_latents(latents)
+        memory, features = self.encode_latents_and_features(latents)
         keys_values = [block.attention.keys_values(memory) for block in self.query_blocks]
         rows, cols = query_grid_size(size)
         coords = normalized_grid(
@@ -286,7 +359,7 @@ class InfGen(nn.Module):
         chunk = total if not query_chunk else query_chunk
         tokens = torch.cat(
             [
-                self.decode_tokens(keys_values, coords[start : start + chunk])
+                self.decode_tokens(keys_values, coords[start : start + chunk], features)
                 for start in range(0, total, chunk)
             ],
             dim=1,

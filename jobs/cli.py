@@ -5,6 +5,8 @@
     infgen ingest (--metadata META... | --embedded ROWS | --regenerate MANIFEST) --output OUT
     infgen latents --images OUT/images --output LATENTS [--preset stage1|stage2|embedded] [--vae DIR]
     infgen train --preset stage1|stage2|stage1-small|stage2-small --latents L --images I [--init-from D]
+    infgen evaluate --decoder D --images I --latents L --output EVAL [--latent-file NAME=PATH ...]
+    infgen run WORKFLOW.yaml [--from STAGE] [--until STAGE] [--address http://HEAD:8265]
 
 Subcommands import their heavy dependencies only when they run, so `infgen --help` is instant.
 """
@@ -12,6 +14,7 @@ Subcommands import their heavy dependencies only when they run, so `infgen --hel
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from pipelines.errors import StageError
@@ -55,7 +58,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="one decoder training stage (Ray Train + DeepSpeed)")
     add_train_arguments(train)
+
+    from jobs.evaluate_command import add_arguments as add_evaluate_arguments
+
+    evaluate = commands.add_parser("evaluate", help="InfGen vs stock VAE decoder: FID/FIDp/PSNR... (Ray)")
+    add_evaluate_arguments(evaluate)
+
+    run = commands.add_parser("run", help="run a workflow file: ingest → latents → train → evaluate")
+    run.add_argument("workflow", help="workflow YAML, e.g. jobs/demo.yaml")
+    run.add_argument("--from", dest="first", metavar="STAGE", help="start at this stage")
+    run.add_argument("--until", dest="last", metavar="STAGE", help="stop after this stage")
+    run.add_argument(
+        "--address", help="submit each stage as a Ray job to this cluster (http://HEAD:8265; or RAY_ADDRESS)"
+    )
     return parser
+
+
+def run_command(args: argparse.Namespace):
+    """Run one parsed subcommand; errors propagate (the workflow runs stages through this)."""
+    if args.command == "decode":
+        from jobs.decode_command import run_decode
+
+        return run_decode(args)
+    if args.command == "demo":
+        from jobs.demo import run_demo
+
+        return run_demo(run_dir=args.run_dir, steps=args.steps)
+    if args.command == "run":
+        from jobs.workflow import run_workflow
+
+        return run_workflow(args.workflow, first=args.first, last=args.last, address=args.address)
+    module, function = COMMANDS[args.command]
+    return getattr(importlib.import_module(module), function)(args)
+
+
+COMMANDS = {
+    "ingest": ("jobs.ingest_command", "run_ingest_command"),
+    "latents": ("jobs.latents_command", "run_latents_command"),
+    "train": ("jobs.train_command", "run_train_command"),
+    "evaluate": ("jobs.evaluate_command", "run_evaluate_command"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,26 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # Progress lines must show up live even when piped to `tee` or collected by `ray job logs`.
     sys.stdout.reconfigure(line_buffering=True)
     try:
-        if args.command == "decode":
-            from jobs.decode_command import run_decode
-
-            run_decode(args)
-        elif args.command == "demo":
-            from jobs.demo import run_demo
-
-            run_demo(run_dir=args.run_dir, steps=args.steps)
-        elif args.command == "ingest":
-            from jobs.ingest_command import run_ingest_command
-
-            run_ingest_command(args)
-        elif args.command == "latents":
-            from jobs.latents_command import run_latents_command
-
-            run_latents_command(args)
-        elif args.command == "train":
-            from jobs.train_command import run_train_command
-
-            run_train_command(args)
+        run_command(args)
     except (ValueError, FileNotFoundError) as error:
         # Bad input is the user's to fix: say what is wrong, without a traceback through our internals.
         print(f"infgen {args.command}: error: {error}", file=sys.stderr)

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-image", type=int, help="crops per image (stage presets: 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--holdout-fraction", type=float, help="images kept out of training for evaluation (default 0.002)"
+    )
+    parser.add_argument(
         "--encoders", type=int, help="VAE actors (one GPU each when there are GPUs; default 2)"
     )
     parser.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else embedded)")
@@ -49,6 +52,8 @@ def build_config(args: argparse.Namespace):
         changes["samples_per_image"] = args.samples_per_image
     if args.encoders is not None:
         changes["encoders"] = args.encoders
+    if args.holdout_fraction is not None:
+        changes["holdout_fraction"] = args.holdout_fraction
     return dataclasses.replace(config, **changes)
 
 

@@ -14,6 +14,10 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
         "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or runs/mlflow.db)"
     )
     parser.add_argument("--parent-run-id", help="MLflow run to nest this stage's run under")
+    parser.add_argument("--run-name", help="MLflow run name (default: the stage's command name)")
+    parser.add_argument(
+        "--experiment", help="MLflow experiment (default: the stage's own; a workflow passes its own)"
+    )
 
 
 def manifest_tracker(args: argparse.Namespace, stage: str):
@@ -31,8 +35,8 @@ def manifest_tracker(args: argparse.Namespace, stage: str):
             )  # the manifest may be remote; MLflow wants a file
             run_id = log_stage_run(
                 uri,
-                manifest["config"]["mlflow_experiment"],
-                stage,
+                args.experiment or manifest["config"]["mlflow_experiment"],
+                args.run_name or stage,
                 params={
                     "config": manifest["config"],
                     "inputs": len(manifest["inputs"]),

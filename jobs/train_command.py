@@ -48,6 +48,8 @@ def run_train_command(args: argparse.Namespace) -> dict:
         changes["steps"] = args.steps
     if args.workers is not None:
         changes["num_workers"] = args.workers
+    if args.experiment:
+        changes["mlflow_experiment"] = args.experiment
     config = dataclasses.replace(config, **changes)  # bad values fail here, before Ray starts
     resolve_inputs([args.latents])
     resolve_inputs([args.images])

@@ -49,8 +49,10 @@ def log_stage_run(
     metrics: dict[str, float],
     artifacts: list[str],
     parent_run_id: str | None = None,
+    extra=None,
 ) -> str:
-    """Log one finished stage as an MLflow run; returns its run id."""
+    """Log one finished stage as an MLflow run; returns its run id. `extra(mlflow)`, if given, logs more
+    (tables, images) inside the same run."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -66,4 +68,6 @@ def log_stage_run(
         mlflow.log_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(path)
+        if extra is not None:
+            extra(mlflow)
     return run.info.run_id

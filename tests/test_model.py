@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from skimage import data
 
 from infgen.decode import decode, extrapolation_sizes, parse_size
-from infgen.model import InfGen, InfGenConfig, preset
+from infgen.model import QUERY_INITS, InfGen, InfGenConfig, preset
 from infgen.pixel_decoder import PixelDecoderConfig
 from infgen.posenc import INPE, INPEConfig, normalized_grid
 
@@ -106,8 +106,10 @@ def test_inpe_frequencies_are_fixed_by_the_seed():
     assert "frequencies" not in one.state_dict()  # rebuilt from the seed, never stored
 
 
-def test_chunked_and_tiled_decode_equal_one_pass():
-    model = randomized(InfGen(replace(preset("tiny"), latent_patch_size=2)))
+@pytest.mark.parametrize("query_init", QUERY_INITS)
+@pytest.mark.parametrize("patch", [1, 2])
+def test_chunked_and_tiled_decode_equal_one_pass(query_init, patch):
+    model = randomized(InfGen(preset("tiny", latent_patch_size=patch, query_init=query_init)))
     latents = torch.randn(2, 4, 12, 10)
     size = (203, 150)  # grid 26×19: tiles of 4 cells leave ragged edges on both axes
     with torch.no_grad():
@@ -200,3 +202,70 @@ def test_activation_checkpointing_changes_memory_not_gradients():
         assert torch.equal(
             model(latents, (40, 40)), model.set_activation_checkpointing(False)(latents, (40, 40))
         )
+
+
+def model_with(query_init: str) -> InfGen:
+    return InfGen(replace(MICRO, query_init=query_init))
+
+
+def test_sampled_query_features_sit_on_the_latent_grid():
+    latents = torch.randn(2, 4, 8, 6)
+    for cell_centres in (True, False):
+        config = preset("tiny", query_init="latent_sample", inpe=INPEConfig(cell_centres=cell_centres))
+        model = InfGen(config)
+        _, features = model.encode_latents_and_features(latents)
+        # At 1× every mask token lies on a latent cell and reads exactly that cell's latent.
+        sampled = model.sample_features(features, normalized_grid(8, 6, cell_centres))
+        torch.testing.assert_close(sampled, latents.flatten(2).transpose(1, 2), rtol=0, atol=1e-6)
+    # At 2× a row of 4 tokens sits at x̂ = 1/8, 3/8, 5/8, 7/8 over 2 latent cells centred at 1/4 and 3/4:
+    # held at the border outside the centres, linear between them.
+    row = torch.tensor([[[[0.0, 4.0]]]])  # (B, C, rows, cols) = (1, 1, 1, 2)
+    values = model_with("latent_sample").sample_features(row, normalized_grid(1, 4))[0, :, 0]
+    assert values.tolist() == [0.0, 1.0, 3.0, 4.0]
+
+@pytest.mark.parametrize("query_init", [q for q in QUERY_INITS if q != "learned"])
+def test_sampled_query_features_change_the_output_and_train(query_init):
+    model = randomized(model_with(query_init))
+    latents, size = torch.randn(2, 4, 6, 5), (40, 48)
+    with torch.no_grad():
+        with_prior = model(latents, size)
+        model.query_in.weight.zero_()
+        model.query_in.bias.zero_()
+        without = model(latents, size)
+    assert (with_prior - without).abs().max() > 1e-2
+    # From a zero start the Linear still gets a gradient (its input, the sampled features, is not zero) and
+    # one optimiser step makes the path contribute.
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model(latents, size).square().mean().backward()
+    assert model.query_in.weight.grad.abs().max() > 0
+    optimizer.step()
+    with torch.no_grad():
+        assert not torch.equal(model(latents, size), without)
+
+
+def test_default_query_init_and_old_configs(tmp_path):
+    import json
+
+    import infgen
+
+    with pytest.raises(ValueError, match="query_init"):
+        InfGenConfig(query_init="nearest")
+    # A config written before query_init existed loads as the paper's learned queries, whatever the default.
+    old = preset("tiny").to_dict()
+    del old["query_init"]
+    assert InfGenConfig.from_dict(old).query_init == "learned"
+    model = randomized(InfGen(preset("tiny", query_init="learned")))
+    directory = infgen.save(model, tmp_path / "old")
+    sidecar = json.loads((directory / "config.json").read_text())
+    del sidecar["config"]["query_init"]
+    (directory / "config.json").write_text(json.dumps(sidecar))
+    loaded = infgen.load(directory)
+    assert loaded.config.query_init == "learned" and loaded.query_in is None
+    latents = torch.randn(1, 4, 6, 5)
+    with torch.no_grad():
+        assert torch.equal(model(latents, (40, 56)), loaded(latents, (40, 56)))
+    # And a new config round-trips with its query_init.
+    for query_init in QUERY_INITS:
+        config = preset("tiny", query_init=query_init)
+        assert InfGenConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -68,6 +68,7 @@ def code_version() -> dict:
 
 def write_json(path: str, content: dict) -> None:
     filesystem, local = fsspec.core.url_to_fs(path)
+    filesystem.makedirs(local.rsplit("/", 1)[0], exist_ok=True)
     with filesystem.open(local + ".tmp", "w") as handle:
         json.dump(content, handle, indent=2, sort_keys=False)
     filesystem.mv(local + ".tmp", local)

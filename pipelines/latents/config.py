@@ -16,11 +16,15 @@ class LatentConfig:
     vae: str | None = None  # diffusers AutoencoderKL dir or hub id; None → the embedded offline substitute
     batch_size: int = 32  # encoder batch
     encoders: int = 2  # actors in the pool (one GPU each when GPUs exist)
+    # Images never trained on, for the evaluation stage (pipelines/holdout.py); 0.2 % of 5M is 10k images.
+    holdout_fraction: float = 0.002
     mlflow_experiment: str = "infgen-latents"
 
     def __post_init__(self):
         if self.samples_per_image < 1 or self.batch_size < 1 or self.encoders < 1:
             raise ValueError(f"latent config needs samples_per_image, batch_size, encoders ≥ 1: {self}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -37,5 +41,6 @@ class LatentConfig:
 # Small enough for 2 CPU cores in seconds: 64² crops → 8×8 latents, targets 64–128 (the demo's task), in
 # coarse buckets so that a few dozen images fill whole batches of one target size.
 EMBEDDED = LatentConfig(
-    policy=CropPolicy(input_side=64, min_side=64, max_side=128, step=32), samples_per_image=4, batch_size=16
+    policy=CropPolicy(input_side=64, min_side=64, max_side=128, step=32), samples_per_image=4, batch_size=16,
+    holdout_fraction=0.2,  # a few dozen images: enough held out for the demo's evaluation to mean something
 )

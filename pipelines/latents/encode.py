@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipelines.holdout import is_held_out
 from pipelines.latents.config import LatentConfig
 from pipelines.latents.crops import CropSample, crop_pair, decode_rgb, plan_crops
 
@@ -63,6 +64,8 @@ def _samples(
     heights, widths = images.column("height").to_pylist(), images.column("width").to_pylist()
 
     def prepare(index: int):
+        if is_held_out(keys[index], config.holdout_fraction, config.seed):
+            return index, [], None, "held_out"
         plan = plan_crops(keys[index], heights[index], widths[index], config.samples_per_image, config.seed,
                           config.policy)  # fmt: skip
         if not plan:

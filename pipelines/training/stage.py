@@ -26,7 +26,10 @@ def mlflow_run(tracking_uri: str, config: TrainConfig, name: str, parent_run_id:
         if experiment
         else client.create_experiment(config.mlflow_experiment, local_artifact_location(tracking_uri))
     )
-    found = client.search_runs([experiment_id], f"tags.`infgen.run_name` = '{name}'", max_results=1)
+    query = f"tags.`infgen.run_name` = '{name}'"
+    if parent_run_id:  # workflows share an experiment: stage1 of this workflow, not of an earlier one
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    found = client.search_runs([experiment_id], query, max_results=1)
     if found:
         return found[0].info.run_id
     tags = {"infgen.run_name": name, "mlflow.runName": name}

@@ -1,0 +1,63 @@
+"""The evaluation stage's typed configuration (protocol defaults: shared/reference/infgen-paper.md §4)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    sizes: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024), (2048, 2048), (3072, 3072))
+    latent_channels: int = 4  # of the VAE the latent sources use (SD-VAE: 4)
+    input_side: int = 512  # held-out crops are encoded at this side (512² → 4×64×64), as in training
+    max_images: int = 10_000  # per latent source (the paper protocol: 10K samples per resolution)
+    patch_size: int = 256  # FIDp / sFIDp: patches at native resolution, never resized before Inception
+    patches_per_image: int = 10
+    patch_mode: str = "random"  # "random" (seeded per image) or "grid"
+    baseline_resample: str = "lanczos"  # the stock decoder's output upsampled with Pillow: lanczos | bicubic
+    precision_recall_k: int = 3
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    chunk_images: int = 16  # images per work unit (one part file; the unit of resume)
+    decode_batch: int = 4
+    workers: int = 2  # evaluation actors (one GPU each when the cluster has GPUs)
+    grid_images: int = 3  # side-by-side rows (truth | baseline | InfGen) per source and size
+    seed: int = 0
+    vae: str | None = None  # the stock decoder and the reconstruction encoder; None → embedded substitute
+    inception: str | None = None  # clean-fid's inception-2015-12-05.pt; None → its default place, else substitute
+    lpips_trunk: str | None = None  # torchvision AlexNet weights for LPIPS; None → default place, else random
+    mlflow_experiment: str = "infgen-eval"
+
+    def __post_init__(self):
+        if not self.sizes:
+            raise ValueError("evaluation needs at least one size")
+        for height, width in self.sizes:
+            if height < self.patch_size or width < self.patch_size:
+                raise ValueError(f"size {height}x{width} is smaller than the {self.patch_size}² FIDp patch")
+        if self.patch_mode not in ("random", "grid"):
+            raise ValueError(f"patch_mode must be 'random' or 'grid', got {self.patch_mode!r}")
+        if self.baseline_resample not in ("lanczos", "bicubic"):
+            raise ValueError(f"baseline_resample must be 'lanczos' or 'bicubic', got {self.baseline_resample!r}")
+        for name in ("max_images", "patches_per_image", "chunk_images", "decode_batch", "workers", "input_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalConfig:
+        data = dict(data)
+        data["sizes"] = tuple(tuple(size) for size in data.get("sizes", cls.sizes))
+        return cls(**data)
+
+
+PAPER = EvalConfig()
+# CPU scale, the embedded workflow's task: 64² crops → 8×8 latents, decoded at 1×, 2× and 4× (the last is
+# beyond stage 1's range); Inception sees 32² patches upsampled, so FIDp here only ranks decoders.
+EMBEDDED = EvalConfig(
+    sizes=((64, 64), (128, 128), (256, 256)), input_side=64, max_images=64, patch_size=32, patches_per_image=4,
+    kid_subset_size=50, chunk_images=8, decode_batch=8, workers=1, grid_images=3,
+)  # fmt: skip
+PRESETS = {"paper": PAPER, "embedded": EMBEDDED}

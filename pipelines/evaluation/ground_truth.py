@@ -1,0 +1,51 @@
+"""Held-out images → (encoder input, ground truth at a target size), the reconstruction source's pairs.
+
+The crop is the largest centred one with the target's aspect ratio; like the training crops
+(pipelines/latents/crops.py) it is squashed to input_side² for the encoder and resized to the target for the
+ground truth, so evaluation asks the decoder exactly the task it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipelines.latents.crops import CropSample, crop_pair, decode_rgb, largest_crop
+
+
+def read_images(refs: list[dict]) -> list:
+    """Pillow images for [{"shard", "row"}], reading only the row groups that hold them."""
+    wanted: dict[str, list[int]] = defaultdict(list)
+    for ref in refs:
+        wanted[ref["shard"]].append(ref["row"])
+    found: dict[tuple[str, int], object] = {}
+    for shard, rows in wanted.items():
+        with fsspec.open(shard, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows
+                                      for g in range(parquet.num_row_groups)])  # fmt: skip
+            for group in sorted({int(np.searchsorted(starts, row, side="right") - 1) for row in rows}):
+                data = parquet.read_row_group(group, columns=["image"]).column("image").to_pylist()
+                for offset, payload in enumerate(data):
+                    row = int(starts[group]) + offset
+                    if row in rows:
+                        found[(shard, row)] = decode_rgb(payload)
+    return [found[(ref["shard"], ref["row"])] for ref in refs]
+
+
+def crop_pairs(images: list, size: tuple[int, int], input_side: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(encoder inputs (N, input_side, input_side, 3) uint8, [ground truth H×W×3 uint8])."""
+    height, width = size
+    inputs, truths = [], []
+    for image in images:
+        crop_height, crop_width = largest_crop(image.height, image.width, width / height)
+        sample = CropSample(top=(image.height - crop_height) // 2, left=(image.width - crop_width) // 2,
+                            height=crop_height, width=crop_width, target_height=height, target_width=width,
+                            seed=0)  # fmt: skip
+        encoder_input, truth = crop_pair(image, sample, input_side)
+        inputs.append(encoder_input)
+        truths.append(truth)
+    return np.stack(inputs), truths

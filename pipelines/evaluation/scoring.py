@@ -1,0 +1,161 @@
+"""One work unit of the evaluation: a chunk of latents of one source at one size → a part file of features
+and per-image metrics for both decoders (and for the ground truth, where there is one).
+
+Pure with respect to Ray: `score_chunk` takes loaded models and returns arrays; `ChunkScorer` is the thin Ray
+Data actor that loads the models once and writes each chunk's part file, the unit of resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import fsspec
+import numpy as np
+import torch
+
+from infgen.distribution import extract_patches, patch_boxes
+from infgen.images import from_uint8
+from infgen.metrics import psnr, ssim
+from pipelines.evaluation.config import EvalConfig
+from pipelines.evaluation.decoders import DECODERS, decode_all
+from pipelines.evaluation.ground_truth import crop_pairs, read_images
+from pipelines.evaluation.sources import load_latent_file
+
+REFERENCE = "reference"
+
+
+def patch_seed(seed: int, source: str, size: tuple[int, int], index: int) -> int:
+    """Patch positions depend on (seed, source, size, image), never on chunking or worker."""
+    text = f"{seed}:{source}:{size[0]}x{size[1]}:{index}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def image_features(inception, images: list[np.ndarray], boxes: list[list], config: EvalConfig) -> dict:
+    """Whole-image and patch Inception features for a list of H×W×3 uint8 images."""
+    whole = inception.features(np.stack(images))
+    patches = np.concatenate([extract_patches(image.transpose(2, 0, 1), image_boxes, config.patch_size)
+                              for image, image_boxes in zip(images, boxes)])  # fmt: skip
+    patch = inception.features(patches)
+    return {"pool": whole["pool"], "spatial": whole["spatial"],
+            "patch_pool": patch["pool"], "patch_spatial": patch["spatial"]}  # fmt: skip
+
+
+def full_reference(decoded: list[np.ndarray], truths: list[np.ndarray], lpips_model) -> dict:
+    """PSNR, SSIM and LPIPS of each decoded image against its ground truth ([-1, 1] scale)."""
+    prediction = torch.stack([from_uint8(image) for image in decoded])
+    target = torch.stack([from_uint8(image) for image in truths])
+    with torch.inference_mode():
+        perceptual = lpips_model(prediction, target).flatten()
+    return {"psnr": psnr(prediction, target).numpy(), "ssim": ssim(prediction, target).numpy(),
+            "lpips": perceptual.double().numpy()}  # fmt: skip
+
+
+def score_chunk(item: dict, latents: np.ndarray, truths: list | None, models: dict, config: EvalConfig):
+    """{group: {array name: array}} for the chunk, plus the decoded images (for the comparison grids)."""
+    size = tuple(item["size"])
+    decoded = decode_all(models["infgen"], models["vae"], torch.from_numpy(latents), size,
+                         config.baseline_resample, config.decode_batch)  # fmt: skip
+    boxes = [patch_boxes(size[0], size[1], config.patch_size, config.patches_per_image, config.patch_mode,
+                         patch_seed(config.seed, item["source"], size, item["start"] + offset))
+             for offset in range(len(latents))]  # fmt: skip
+    groups = {}
+    for name in DECODERS:
+        groups[name] = image_features(models["inception"], decoded[name], boxes, config)
+        if truths is not None:
+            groups[name].update(full_reference(decoded[name], truths, models["lpips"]))
+    if truths is not None:
+        groups[REFERENCE] = image_features(models["inception"], truths, boxes, config)
+    return groups, decoded
+
+
+def save_part(path: str, groups: dict, keys: list[str], meta: dict) -> None:
+    """One .npz per chunk, written whole then renamed: a part file that exists is complete."""
+    arrays = {f"{group}/{name}": np.asarray(value, dtype=np.float32 if value.ndim > 1 else np.float64)
+              for group, values in groups.items() for name, value in values.items()}  # fmt: skip
+    arrays["keys"] = np.array(keys)
+    arrays["meta"] = np.array(json.dumps(meta))  # which extractor and LPIPS trunk made these numbers
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    filesystem, local = fsspec.core.url_to_fs(path)
+    filesystem.makedirs(local.rsplit("/", 1)[0], exist_ok=True)
+    filesystem.pipe_file(f"{local}.tmp", buffer.getvalue())
+    filesystem.mv(f"{local}.tmp", local)
+
+
+def load_part(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """({group: {array name: array}}, meta) of a part file."""
+    with fsspec.open(path, "rb") as handle:
+        archive = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+        meta = json.loads(str(archive["meta"]))
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for name in archive.files:
+            if "/" in name:
+                group, array = name.split("/", 1)
+                groups.setdefault(group, {})[array] = archive[name]
+    return groups, meta
+
+
+class ChunkScorer:
+    """Ray Data actor: loads InfGen, the stock VAE, Inception and LPIPS once, then scores chunks."""
+
+    def __init__(self, config: EvalConfig, decoder: str, threads: int = 1):
+        import infgen
+        from infgen.inception import load_inception
+        from infgen.perceptual import load_lpips
+        from pipelines.latents.vae_source import load_frozen_vae
+
+        torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.config, self.device = config, device
+        vae, _ = load_frozen_vae(config.vae, device)
+        self.models = {"vae": vae, "infgen": infgen.load(decoder, device=device),
+                       "inception": load_inception(config.inception, device=device),
+                       "lpips": load_lpips(config.lpips_trunk).to(device).eval()}  # fmt: skip
+        self.latent_files: dict[str, np.ndarray] = {}
+        inception, perceptual = self.models["inception"], self.models["lpips"]
+        self.meta = {"extractor": inception.name, "extractor_is_substitute": inception.is_substitute,
+                     "lpips_trunk_pretrained": bool(getattr(perceptual, "trunk_is_pretrained", False)),
+                     "device": device}  # fmt: skip
+
+    def latents_for(self, item: dict) -> tuple[np.ndarray, list | None]:
+        if item["kind"] == "reconstruction":
+            images = read_images(item["refs"])
+            inputs, truths = crop_pairs(images, tuple(item["size"]), self.config.input_side)
+            pixels = torch.from_numpy(inputs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            with torch.inference_mode():
+                mean, _ = self.models["vae"].encode_posterior(pixels)  # the posterior mean: deterministic
+            return mean.float().cpu().numpy(), truths
+        if item["file"] not in self.latent_files:
+            channels = self.models["vae"].latent_channels
+            self.latent_files[item["file"]] = load_latent_file(item["file"], channels)
+        return self.latent_files[item["file"]][item["start"] : item["start"] + item["count"]], None
+
+    def __call__(self, batch: dict) -> dict:
+        results = []
+        for text in batch["item"]:
+            item = json.loads(str(text))
+            latents, truths = self.latents_for(item)
+            groups, decoded = score_chunk(item, latents, truths, self.models, self.config)
+            keys = [str(key) for key in item.get("keys", range(item["start"], item["start"] + len(latents)))]
+            save_part(item["part"], groups, keys, self.meta)
+            if item["start"] == 0:
+                save_grid(item["grid"], decoded, truths, self.config.grid_images)
+            results.append(json.dumps({"part": item["part"], "images": len(latents)}))
+        return {"result": np.array(results)}
+
+
+def save_grid(path: str, decoded: dict, truths: list | None, rows: int) -> None:
+    """Rows of [truth |] baseline | InfGen, side by side at full resolution, as one PNG."""
+    from PIL import Image
+
+    lines = []
+    for index in range(min(rows, len(decoded[DECODERS[0]]))):
+        row = ([truths[index]] if truths is not None else []) + [decoded[name][index] for name in DECODERS]
+        lines.append(np.concatenate(row, axis=1))
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(lines, axis=0)).save(buffer, format="PNG")
+    filesystem, local = fsspec.core.url_to_fs(path)
+    filesystem.makedirs(local.rsplit("/", 1)[0], exist_ok=True)
+    filesystem.pipe_file(local, buffer.getvalue())

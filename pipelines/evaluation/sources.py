@@ -1,0 +1,154 @@
+"""Latent sources for evaluation: held-out images (reconstruction), latent files dumped by diffusion models,
+and a local diffusers pipeline.
+
+Every source ends as scaled latents (N, C, h, w) float32 (the diffusion convention: VAE latents × the VAE's
+scaling factor), checked here so that a file in the wrong convention fails with a message instead of giving a
+plausible-looking but meaningless FID.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipelines.holdout import is_held_out
+from pipelines.ingest.manifest import read_json, resolve_inputs
+
+LATENT_FILE_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".parquet")
+# Keys under which DiT/SiT/MDT/MaskDiT/FiT sampling scripts (and our own tools) store their samples.
+ARRAY_KEYS = ("latents", "latent", "samples", "sample", "z", "arr_0")
+# Scaled latents have roughly unit variance; raw VAE latents (not × 0.18215) have a std near 5.
+SCALED_STD_RANGE = (0.25, 3.0)
+
+
+def holdout_rule(latents: str | None) -> tuple[float, int]:
+    """(fraction, seed) of the images the latent stage kept out of training; no latent stage: all images."""
+    if latents is None:
+        return 1.0, 0
+    record = read_json(f"{latents.rstrip('/')}/latents.json", "latent stage record")
+    config = record["config"]
+    return float(config.get("holdout_fraction", 0.0)), int(config["seed"])
+
+
+def held_out_images(images: str, latents: str | None, max_images: int) -> list[dict]:
+    """[{"shard", "row", "key"}] of held-out images in shard order, at most `max_images`."""
+    fraction, seed = holdout_rule(latents)
+    if fraction <= 0:
+        raise ValueError(
+            f"the latent stage at {latents} held no images out (holdout_fraction 0): every image was trained "
+            "on; rerun it with --holdout-fraction > 0, or evaluate on a separate ingest without --latents"
+        )
+    chosen: list[dict] = []
+    for shard in resolve_inputs([images]):
+        with fsspec.open(shard, "rb") as handle:
+            keys = pq.read_table(handle, columns=["key"]).column("key").to_pylist()
+        for row, key in enumerate(keys):
+            if fraction >= 1.0 or is_held_out(key, fraction, seed):
+                chosen.append({"shard": shard, "row": row, "key": key})
+                if len(chosen) == max_images:
+                    return chosen
+    if not chosen:
+        raise ValueError(f"no held-out images in {images} (fraction {fraction}, seed {seed})")
+    return chosen
+
+
+def load_latent_file(path: str, channels: int, max_items: int | None = None) -> np.ndarray:
+    """Scaled latents (N, C, h, w) float32 from .npy / .npz / .pt / .parquet, validated."""
+    suffix = Path(path.split("?")[0]).suffix.lower()
+    if suffix not in LATENT_FILE_SUFFIXES:
+        raise ValueError(f"latent file {path}: unsupported type {suffix!r} (use one of {LATENT_FILE_SUFFIXES})")
+    try:
+        array = _read_array(path, suffix)
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"latent file {path}: cannot read latents: {error}") from None
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise ValueError(f"latent file {path}: expected (N, C, h, w), got shape {array.shape}")
+    if array.shape[1] != channels and array.shape[-1] == channels:
+        raise ValueError(
+            f"latent file {path}: shape {array.shape} looks channels-last; store (N, {channels}, h, w)"
+        )
+    if array.shape[1] != channels:
+        raise ValueError(f"latent file {path}: {array.shape[1]} channels, the VAE has {channels}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"latent file {path}: contains NaN or Inf")
+    std = float(array.std())
+    low, high = SCALED_STD_RANGE
+    if not low <= std <= high:
+        hint = "unscaled VAE latents? multiply by the VAE's scaling factor (0.18215 for SD-VAE)" if std > high \
+            else "latents divided by the scaling factor twice, or not latents at all?"  # fmt: skip
+        raise ValueError(
+            f"latent file {path}: std {std:.3f} is outside {SCALED_STD_RANGE} expected of scaled latents ({hint})"
+        )
+    return array[:max_items] if max_items else array
+
+
+def _read_array(path: str, suffix: str) -> np.ndarray:
+    if suffix == ".parquet":
+        from pipelines.latents.encode import read_latents
+
+        with fsspec.open(path, "rb") as handle:
+            table = pq.read_table(handle)
+        if table.schema.metadata and b"latent_shape" in table.schema.metadata:
+            return read_latents(table)  # our own latent shards
+        raise ValueError("Parquet latents need our latent-shard layout (a 'latent' column + 'latent_shape')")
+    with fsspec.open(path, "rb") as handle:
+        if suffix == ".npy":
+            return np.load(handle, allow_pickle=False)
+        if suffix == ".npz":
+            archive = np.load(handle, allow_pickle=False)
+            return _pick(dict(archive), path)
+        import torch
+
+        loaded = torch.load(handle, map_location="cpu", weights_only=True)  # never unpickle arbitrary code
+        if isinstance(loaded, dict):
+            loaded = _pick(loaded, path)
+        return loaded.float().numpy() if hasattr(loaded, "numpy") else np.asarray(loaded)
+
+
+def _pick(mapping: dict, path: str):
+    for key in ARRAY_KEYS:
+        if key in mapping:
+            return mapping[key]
+    if len(mapping) == 1:
+        return next(iter(mapping.values()))
+    raise KeyError(f"none of the keys {ARRAY_KEYS} in {sorted(mapping)} ({path})")
+
+
+def diffusers_latents(pipeline_dir: str, count: int, seed: int, device: str = "cpu", **call_arguments):
+    """Scaled latents sampled from a local diffusers pipeline (e.g. DiTPipeline), never downloading.
+
+    Pipelines differ in whether `output_type="latent"` skips the decode (DiTPipeline always decodes), so the
+    VAE's decode input is captured instead: it is the unscaled latent, converted back to the scaled convention.
+    """
+    import torch
+    from diffusers import DiffusionPipeline
+
+    if not Path(pipeline_dir).is_dir():
+        raise ValueError(f"diffusers pipeline {pipeline_dir}: not a local directory (nothing is downloaded)")
+    pipeline = DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True).to(device)
+    vae = pipeline.vae
+    scaling = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    captured: list[torch.Tensor] = []
+    original_decode = vae.decode
+
+    def capturing_decode(latents, *args, **kwargs):
+        captured.append(((latents.float() - shift) * scaling).cpu())
+        return original_decode(latents, *args, **kwargs)
+
+    vae.decode = capturing_decode
+    try:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        if "class_labels" not in call_arguments and "prompt" not in call_arguments:
+            labels = torch.randint(0, 1000, (count,), generator=generator).tolist()
+            call_arguments["class_labels"] = labels
+        pipeline(generator=generator, output_type="pt", **call_arguments)
+    finally:
+        vae.decode = original_decode
+    return torch.cat(captured)[:count].numpy()

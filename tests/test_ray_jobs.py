@@ -1,0 +1,327 @@
+"""jobs.ray_jobs against a real Ray cluster started with `ray start --head` (the Job Submission SDK).
+
+The cluster is this module's own: its own --temp-dir and ports, started as `ray start --block` in a new
+session. Teardown stops only it: SIGTERM to that `ray start` (which stops the processes it started), then
+SIGKILL to whatever is left in its process group or names its temp dir (job drivers and workers run in
+process groups of their own, but their command lines or working directories are under the temp dir).
+`ray stop` would kill every Ray process of the user, including the in-process cluster that the
+`ray_address` session fixture (conftest.py) may have running next to this one.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import ray_jobs
+
+pytestmark = pytest.mark.slow
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+STARTUP_DEADLINE_S = 60
+SHUTDOWN_DEADLINE_S = 20
+POLL_S = 0.25  # how often the tests' submissions check the job's status (default 1 s)
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 right now (all held open until all are chosen)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def _free_port() -> int:
+    return _free_ports(1)[0]
+
+
+def _processes_of(temp_dir: str, process_group: int) -> list[int]:
+    """Live (non-zombie) processes in `process_group` or whose command line or cwd is under `temp_dir`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                continue
+            if os.getpgid(pid) == process_group:
+                found.append(pid)
+            elif temp_dir.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+            elif os.readlink(f"/proc/{pid}/cwd").startswith(temp_dir):
+                found.append(pid)
+        except OSError:  # gone meanwhile, or not ours to inspect
+            continue
+    return found
+
+
+def _wait_until_ready(url: str, agent_port: int, process: subprocess.Popen, log: Path) -> None:
+    """Until the dashboard answers and so does the head's dashboard agent, which takes the submissions.
+
+    The agent registers itself with the head right after its HTTP server is up; a job submitted before
+    that waits 10 s inside the dashboard and then fails with "No available agent to submit job".
+    """
+    import requests
+
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/api/version", timeout=2).ok:
+                requests.get(f"http://127.0.0.1:{agent_port}/", timeout=2)  # any answer: it is up
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-3000:]
+            raise TimeoutError(f"no dashboard at {url} after {STARTUP_DEADLINE_S} s:\n{tail}")
+        time.sleep(0.2)
+
+
+def _stop_cluster(process: subprocess.Popen, temp_dir: str) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started
+        try:
+            process.wait(timeout=SHUTDOWN_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    deadline = time.monotonic() + SHUTDOWN_DEADLINE_S
+    while left := _processes_of(temp_dir, process.pid):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of the test cluster still alive after SIGKILL: {left}")
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node cluster (1 CPU) on 127.0.0.1: {"dashboard": its dashboard's URL, "gcs": HOST:PORT}."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the client reads it too (environment.md)
+    temp_dir = tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp")  # short: Ray puts unix sockets under it
+    dashboard_port, gcs_port, client_port, agent_port = _free_ports(4)
+    bin_dir = str(Path(sys.executable).parent)
+    environment = {
+        name: value for name, value in os.environ.items() if name not in ray_jobs.ADDRESS_VARIABLES
+    }
+    environment.update(
+        # `python` in a job's entrypoint is the one on the head's PATH: this virtualenv's.
+        PATH=bin_dir + os.pathsep + environment.get("PATH", ""),
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM would otherwise wait up to 30 s for draining
+    )
+    command = [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--dashboard-host", "127.0.0.1", "--port", str(gcs_port), "--dashboard-port",
+               str(dashboard_port), "--ray-client-server-port", str(client_port),
+               "--dashboard-agent-listen-port", str(agent_port), "--num-cpus", "1",
+               "--disable-usage-stats", "--temp-dir", temp_dir]  # fmt: skip
+    log = Path(temp_dir + ".log")
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            command, env=environment, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_until_ready(url, agent_port, process, log)
+        yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs_port}"}
+    finally:
+        _stop_cluster(process, temp_dir)
+        log.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def dashboard(cluster):
+    return cluster["dashboard"]
+
+
+def _python(code: str) -> str:
+    return shlex.join(["python", "-c", code])
+
+
+def test_command_runs_in_uploaded_working_dir_with_env_vars(dashboard, tmp_path, monkeypatch):
+    (tmp_path / "marker.txt").write_text("content of the marker file")
+    for excluded in (".venv/lib/big.bin", "runs/demo/out.txt", "shard.parquet"):
+        (tmp_path / excluded).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / excluded).write_text("must not be uploaded")
+    code = (
+        "import os; print('marker=' + open('marker.txt').read());"
+        "print('value=' + os.environ['INFGEN_TEST_VALUE']);"
+        "print('offline=' + os.environ['NO_ALBUMENTATIONS_UPDATE']);"
+        "print('uploaded=' + repr([p for p in ('.venv', 'runs', 'shard.parquet') if os.path.exists(p)]))"
+    )
+    # Ray's own client would let this variable override the explicit address; ours must not.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    output = io.StringIO()
+    result = ray_jobs.submit_command(
+        dashboard,
+        _python(code),
+        working_dir=tmp_path,
+        env_vars={"INFGEN_TEST_VALUE": "value from the submitter"},
+        submission_id="infgen-test-success",
+        output=output,
+        poll_interval=POLL_S,
+    )
+    streamed = output.getvalue()
+    assert result["status"] == "SUCCEEDED" and result["driver_exit_code"] == 0
+    assert result["submission_id"] == "infgen-test-success" and result["address"] == dashboard
+    assert "ray job logs --address " + dashboard + " --follow infgen-test-success" in streamed
+    for line in ("marker=content of the marker file", "value=value from the submitter", "offline=1",
+                 "uploaded=[]"):  # fmt: skip
+        assert streamed.count(line + "\n") == 1, (line, streamed)  # streamed once, not twice
+
+
+def test_stage_runs_the_cli_from_the_repository_and_a_driver_can_connect(dashboard):
+    output = io.StringIO()
+    result = ray_jobs.submit_stage(
+        dashboard, ["--help"], working_dir=REPOSITORY, output=output, poll_interval=POLL_S
+    )
+    assert result["status"] == "SUCCEEDED"
+    assert result["submission_id"].startswith("infgen-help-")
+    assert result["entrypoint"] == "python -m jobs.cli --help"
+    assert "usage: infgen" in output.getvalue() and "ingest" in output.getvalue()
+
+    # A stage's driver inside the job connects with jobs.ray_session.connect_ray, which passes the offline
+    # env vars to ray.init again: without RAY_OVERRIDE_JOB_RUNTIME_ENV=1 Ray refuses that as a conflict with
+    # the job's runtime_env. Its tasks run in the uploaded copy of the repository.
+    code = (
+        "import os, ray; from jobs.ray_session import connect_ray; connect_ray();"
+        "where = ray.get(ray.remote(lambda: __import__('pipelines').__file__).remote());"
+        "print('worker-imports-from-upload=' + str(where.startswith(os.getcwd()) and os.getcwd() != "
+        + repr(str(REPOSITORY))
+        + "))"
+    )
+    output = io.StringIO()
+    result = ray_jobs.submit_command(
+        dashboard, _python(code), working_dir=REPOSITORY, output=output, poll_interval=POLL_S
+    )
+    assert "worker-imports-from-upload=True\n" in output.getvalue(), output.getvalue()
+
+
+def test_failed_job_raises_with_status_message_and_exactly_the_log_tail(dashboard, tmp_path):
+    code = "import sys\nfor i in range(1, 101): print(f'line {i:03d}')\nsys.exit(3)"
+    output = io.StringIO()
+    with pytest.raises(ray_jobs.JobFailed) as caught:
+        ray_jobs.submit_command(
+            dashboard,
+            _python(code),
+            working_dir=tmp_path,
+            output=output,
+            log_tail_lines=7,
+            poll_interval=POLL_S,
+        )
+    error = caught.value
+    assert error.status == "FAILED" and error.driver_exit_code == 3
+    assert error.log_tail == "\n".join(f"line {i:03d}" for i in range(94, 101)), repr(error.log_tail)
+    text = str(error)
+    assert "FAILED" in text and "exit code 3" in text and error.submission_id in text
+    assert "line 094" in text and "line 100" in text
+    assert "line 093" not in text and "line 001" not in text  # Ray's message repeats 10 lines: cut
+    assert "line 001\n" in output.getvalue() and "line 100\n" in output.getvalue()  # the whole log streamed
+
+
+def test_ctrl_c_while_waiting_stops_the_job(dashboard, tmp_path):
+    code = "import time\nfor i in range(200):\n    print(f'tick {i}', flush=True)\n    time.sleep(0.1)"
+
+    class InterruptOnThirdTick(io.StringIO):
+        def write(self, text):
+            written = super().write(text)
+            if "tick 3\n" in self.getvalue() and not getattr(self, "sent", False):
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
+            return written
+
+    output = InterruptOnThirdTick()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        ray_jobs.submit_command(
+            dashboard,
+            _python(code),
+            working_dir=tmp_path,
+            submission_id="infgen-test-ctrl-c",
+            output=output,
+            poll_interval=POLL_S,
+        )
+    assert time.monotonic() - started < 15  # did not wait for the 20 s job
+    assert "interrupted; stopped infgen-test-ctrl-c" in output.getvalue()
+    client = ray_jobs.connect(dashboard)
+    deadline = time.monotonic() + 20
+    while str(status := client.get_job_status("infgen-test-ctrl-c")) != "STOPPED":
+        assert time.monotonic() < deadline, f"job still {status} after stop"
+        time.sleep(0.2)
+    assert "tick 199" not in client.get_job_logs("infgen-test-ctrl-c")
+
+
+def test_unreachable_address_fails_fast_naming_it(tmp_path):
+    refused = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=refused.replace(".", r"\.")):
+        ray_jobs.submit_command(refused, "true", working_dir=tmp_path)
+    assert time.monotonic() - started < 5
+
+    # A listener that never answers (what a firewalled or wedged head looks like): the timeout bounds it.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"  # no scheme: http:// is implied
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match=rf"http://{address}.*within 1 s"):
+            ray_jobs.submit_command(address, "true", working_dir=tmp_path, connect_timeout=1)
+        assert time.monotonic() - started < 5
+
+
+def test_address_that_is_not_a_dashboard_is_refused_naming_it(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ValueError, match=rf"{url}.*not a Ray dashboard"):
+            ray_jobs.submit_command(url, "true", working_dir=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match=r"ray://head:10001 is a Ray Client address.*http://head:8265"):
+        ray_jobs.connect("ray://head:10001")
+
+
+def test_gcs_address_is_refused_with_a_hint(cluster):
+    # What `ray.init` and this project's --ray-address take; the Job SDK needs the dashboard instead.
+    with pytest.raises(
+        ValueError, match=rf"http://{cluster['gcs']} is not a Ray dashboard.*http://HEAD:8265"
+    ):
+        ray_jobs.connect(cluster["gcs"], timeout=5)
+
+
+def test_dashboard_address_prefers_the_argument_then_the_api_server_variable(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_jobs.dashboard_address(None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "http://from-ray-address:8265")
+    assert ray_jobs.dashboard_address(None) == "http://from-ray-address:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://from-api-server:8265")
+    assert ray_jobs.dashboard_address(None) == "http://from-api-server:8265"
+    assert ray_jobs.dashboard_address(" http://given:8265 ") == "http://given:8265"
