@@ -1,14 +1,14 @@
 """Distribution metrics on feature arrays (FID, sFID, KID, precision/recall) and patch crops for FIDp/sFIDp.
 
-Everything here takes float64 numpy arrays of shape (N, D), one row per image, as infgen.inception returns them:
-FID is `frechet_distance` on the "pool" features, sFID the same on the "spatial" features. The Fréchet distance
-and KID reproduce clean-fid 0.1.35 (cleanfid/fid.py) operation for operation, so values agree with clean-fid's
-on the same features; the tests check both.
+Everything here takes float64 numpy arrays of shape (N, D), one row per image, as infgen.inception returns
+them: FID is `frechet_distance` on the "pool" features, sFID the same on the "spatial" features. The Fréchet
+distance and KID reproduce clean-fid 0.1.35 (cleanfid/fid.py) operation for operation, so values agree with
+clean-fid's on the same features; the tests check both.
 
-Patch metrics (FIDp/sFIDp) compare crops taken at native resolution, so that a high-resolution decoder is judged
-on its detail rather than on a 299×299 thumbnail; `patch_boxes` and `extract_patches` choose and cut them. The
-paper never defined its FIDp protocol (shared/reference/infgen-paper.md §4), so crop size, count, mode and seed
-are all arguments, to be recorded with the numbers.
+Patch metrics (FIDp/sFIDp) compare crops taken at native resolution, so that a high-resolution decoder is
+judged on its detail rather than on a 299×299 thumbnail; `patch_boxes` and `extract_patches` choose and cut
+them. The paper never defined its FIDp protocol (shared/reference/infgen-paper.md §4), so crop size, count,
+mode and seed are all arguments, to be recorded with the numbers.
 """
 
 from __future__ import annotations
@@ -25,31 +25,52 @@ logger = logging.getLogger(__name__)
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, eps: float = 1e-6) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets: FID on pool_3, sFID on spatial features.
 
-    ||mu_a - mu_b||² + Tr(S_a + S_b - 2 (S_a S_b)^½), with np.cov's unbiased (N - 1) covariance, as clean-fid's
-    fid_from_feats and frechet_distance compute it, including their fallback: when the matrix square root is not
-    finite, `eps` is added to both diagonals; a square root with imaginary diagonal parts above 1e-3 is an error.
+    ||mu_a - mu_b||² + Tr(S_a + S_b - 2 (S_a S_b)^½), with np.cov's unbiased (N - 1) covariance, as
+    clean-fid's fid_from_feats and frechet_distance compute it, including their fallback: when the matrix
+    square root is not finite, `eps` is added to both diagonals; a square root with imaginary diagonal parts
+    above 1e-3 is an error.
     """
     features_a = _check_features(features_a, "features_a", minimum_rows=2)
     features_b = _check_features(features_b, "features_b", minimum_rows=2)
     _check_same_dimension(features_a, features_b)
+    if max(len(features_a), len(features_b)) < features_a.shape[1]:
+        return _low_rank_frechet_distance(features_a, features_b)
     mean_a, covariance_a = np.mean(features_a, axis=0), np.atleast_2d(np.cov(features_a, rowvar=False))
     mean_b, covariance_b = np.mean(features_b, axis=0), np.atleast_2d(np.cov(features_b, rowvar=False))
     difference = mean_a - mean_b
-    # The product of two covariances estimated from fewer samples than dimensions is singular; scipy then warns
-    # and still returns a usable root, as in clean-fid (its `disp=False` only added an error estimate).
+    # The product of two covariances estimated from fewer samples than dimensions is singular; scipy then
+    # warns and still returns a usable root, as in clean-fid (its `disp=False` only added an error estimate).
     covariance_mean = linalg.sqrtm(covariance_a.dot(covariance_b))
     if not np.isfinite(covariance_mean).all():
         logger.warning("Fréchet distance: singular covariance product; adding %s to the diagonals", eps)
         offset = np.eye(covariance_a.shape[0]) * eps
         covariance_mean = linalg.sqrtm((covariance_a + offset).dot(covariance_b + offset))
     if np.iscomplexobj(covariance_mean):
-        # Rounding gives the root of a (symmetric positive semi-definite) product small imaginary parts.
+        # The product of two PSD matrices has real, non-negative eigenvalues: imaginary parts are rounding.
         if not np.allclose(np.diagonal(covariance_mean).imag, 0, atol=1e-3):
             raise ValueError(f"Fréchet distance: imaginary component {np.max(np.abs(covariance_mean.imag))}")
         covariance_mean = covariance_mean.real
     trace_mean = np.trace(covariance_mean)
     distance = difference.dot(difference) + np.trace(covariance_a) + np.trace(covariance_b) - 2 * trace_mean
     return float(distance)
+
+
+def _low_rank_frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """The same distance, exactly, when both sets have fewer samples than dimensions (small evaluations).
+
+    With centred features A (n_a × D) and B (n_b × D), S_a S_b = AᵀA BᵀB / c with c = (n_a - 1)(n_b - 1);
+    its non-zero eigenvalues are those of (ABᵀ)(ABᵀ)ᵀ / c, so Tr (S_a S_b)^½ is the sum of the singular values
+    of ABᵀ over √c: an n_a × n_b SVD instead of a D × D matrix square root (2048² took ~20 s on 2 cores) that
+    is singular here anyway.
+    """
+    centred_a = features_a - features_a.mean(axis=0)
+    centred_b = features_b - features_b.mean(axis=0)
+    scale = (len(features_a) - 1) * (len(features_b) - 1)
+    trace_mean = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum() / np.sqrt(scale)
+    difference = features_a.mean(axis=0) - features_b.mean(axis=0)
+    trace_a = np.square(centred_a).sum() / (len(features_a) - 1)
+    trace_b = np.square(centred_b).sum() / (len(features_b) - 1)
+    return float(difference.dot(difference) + trace_a + trace_b - 2 * trace_mean)
 
 
 def kernel_inception_distance(
@@ -61,10 +82,10 @@ def kernel_inception_distance(
 ) -> float:
     """KID: the unbiased MMD² estimate with kernel (x·y / D + 1)³, averaged over random equal-size subsets.
 
-    Matches cleanfid.fid.kernel_distance(features_a, features_b, num_subsets, max_subset_size) value for value.
-    clean-fid draws subsets from numpy's global RNG; we draw the same calls (subset of b, then of a, per round)
-    from our own `np.random.RandomState(seed)`, the generator behind the global one, so the result depends only
-    on `seed` and equals clean-fid's after `np.random.seed(seed)`.
+    Matches cleanfid.fid.kernel_distance(features_a, features_b, num_subsets, max_subset_size) value for
+    value. clean-fid draws subsets from numpy's global RNG; we draw the same calls (subset of b, then of a,
+    per round) from our own `np.random.RandomState(seed)`, the generator behind the global one, so the result
+    depends only on `seed` and equals clean-fid's after `np.random.seed(seed)`.
     """
     features_a = _check_features(features_a, "features_a", minimum_rows=2)
     features_b = _check_features(features_b, "features_b", minimum_rows=2)
@@ -72,7 +93,9 @@ def kernel_inception_distance(
     if num_subsets < 1:
         raise ValueError(f"num_subsets must be at least 1, got {num_subsets}")
     if max_subset_size < 2:
-        raise ValueError(f"max_subset_size must be at least 2 (the estimate divides by m - 1), got {max_subset_size}")
+        raise ValueError(
+            f"max_subset_size must be at least 2 (the estimate divides by m - 1), got {max_subset_size}"
+        )
     random_state = np.random.RandomState(seed)
     dimension = features_a.shape[1]
     subset_size = min(features_a.shape[0], features_b.shape[0], max_subset_size)
@@ -87,13 +110,16 @@ def kernel_inception_distance(
     return float(total / num_subsets / subset_size)
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk_size: int = 256) -> tuple[float, float]:
+def precision_recall(
+    real: np.ndarray, fake: np.ndarray, k: int = 3, chunk_size: int = 256
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019) with k-nearest-neighbour manifolds.
 
-    Each set's manifold is the union of balls around its points, each ball's radius the distance to that point's
-    k-th nearest other point of the same set. Precision: the fraction of fake points inside the real manifold
-    (are samples realistic?); recall: the fraction of real points inside the fake manifold (is the data covered?).
-    Pairwise distances are computed `chunk_size` rows at a time, so 50k × 50k never exists at once.
+    Each set's manifold is the union of balls around its points, each ball's radius the distance to that
+    point's k-th nearest other point of the same set. Precision: the fraction of fake points inside the real
+    manifold (are samples realistic?); recall: the fraction of real points inside the fake manifold (is the
+    data covered?). Pairwise distances are computed `chunk_size` rows at a time, so 50k × 50k never exists at
+    once.
     """
     real = _check_features(real, "real", minimum_rows=k + 1)
     fake = _check_features(fake, "fake", minimum_rows=k + 1)
@@ -127,7 +153,9 @@ def _squared_knn_radii(points: np.ndarray, k: int, chunk_size: int) -> np.ndarra
     return radii
 
 
-def _fraction_inside(queries: np.ndarray, centres: np.ndarray, squared_radii: np.ndarray, chunk_size: int) -> float:
+def _fraction_inside(
+    queries: np.ndarray, centres: np.ndarray, squared_radii: np.ndarray, chunk_size: int
+) -> float:
     """The fraction of `queries` within the ball of at least one of `centres`."""
     inside = 0
     for start in range(0, queries.shape[0], chunk_size):
@@ -147,11 +175,11 @@ def patch_boxes(
 ) -> list[tuple[int, int]]:
     """(top, left) corners of `size`×`size` crops of a height×width image, for patch FID at native resolution.
 
-    mode="grid": the largest grid of non-overlapping tiles that fits (height // size rows, width // size columns),
-    spread evenly from edge to edge (a single row or column is centred); with `count`, at most `count` of those
-    tiles, picked evenly along the raster order. mode="random": `count` (required) uniformly random corners,
-    possibly overlapping, drawn from a generator seeded with (seed, image_index), so each image of a set gets
-    its own crops and every rerun the same ones.
+    mode="grid": the largest grid of non-overlapping tiles that fits (height // size rows, width // size
+    columns), spread evenly from edge to edge (a single row or column is centred); with `count`, at most
+    `count` of those tiles, picked evenly along the raster order. mode="random": `count` (required) uniformly
+    random corners, possibly overlapping, drawn from a generator seeded with (seed, image_index), so each
+    image of a set gets its own crops and every rerun the same ones.
     """
     if size < 1:
         raise ValueError(f"patch size must be at least 1, got {size}")
@@ -193,13 +221,15 @@ def _spread(length: int, size: int) -> list[int]:
 def extract_patches(
     image: np.ndarray | torch.Tensor, boxes: list[tuple[int, int]], size: int
 ) -> np.ndarray | torch.Tensor:
-    """Cut `size`×`size` crops at `boxes` out of one (C, H, W) image → (len(boxes), C, size, size), same type."""
+    """Cut `size`×`size` crops at `boxes` from a (C, H, W) image → (len(boxes), C, size, size), same type."""
     if image.ndim != 3:
         raise ValueError(f"expected one image shaped (C, H, W), got shape {tuple(image.shape)}")
     height, width = image.shape[1:]
     for top, left in boxes:
         if top < 0 or left < 0 or top + size > height or left + size > width:
-            raise ValueError(f"patch at (top={top}, left={left}) of size {size} leaves the {height}×{width} image")
+            raise ValueError(
+                f"patch at (top={top}, left={left}) of size {size} leaves the {height}×{width} image"
+            )
     crops = [image[:, top : top + size, left : left + size] for top, left in boxes]
     if isinstance(image, torch.Tensor):
         return torch.stack(crops) if crops else image.new_empty((0, image.shape[0], size, size))

@@ -1,14 +1,14 @@
-"""Inception-v3 features for FID, sFID, KID and precision/recall, preprocessed exactly as clean-fid's "clean" mode.
+"""Inception-v3 features for FID, sFID, KID and precision/recall, preprocessed exactly as clean-fid "clean".
 
 The network is NVIDIA's TorchScript translation of TensorFlow's inception-2015-12-05 graph, the file clean-fid
-(and StyleGAN2-ADA/3) use. clean-fid downloads it to a hard-coded /tmp at first use, which fails on offline cluster
-nodes (shared/reference/ecosystem.md §6), so here it is only ever read from a local path: the `weights` argument,
-else $INFGEN_INCEPTION_WEIGHTS, else clean-fid's own location. Without it a SUBSTITUTE network is used, loudly:
-a seeded random-init torchvision Inception-v3, whose numbers only compare with other numbers from the same
-substitute (`is_substitute` and `name` say so, for the run record).
+(and StyleGAN2-ADA/3) use. clean-fid downloads it to a hard-coded /tmp at first use, which fails on offline
+cluster nodes (shared/reference/ecosystem.md §6), so here it is only ever read from a local path: the
+`weights` argument, else $INFGEN_INCEPTION_WEIGHTS, else clean-fid's own location. Without it a SUBSTITUTE
+network is used, loudly: a seeded random-init torchvision Inception-v3, whose numbers only compare with other
+numbers from the same substitute (`is_substitute` and `name` say so, for the run record).
 
 Preprocessing (cleanfid 0.1.35, compute_fid → compare_folders → get_folder_features → ResizeDataset):
-  1. each image as an (H, W, 3) uint8 array (PIL `.convert("RGB")` in clean-fid; our inputs are uint8 already);
+  1. each image as an (H, W, 3) uint8 array (PIL `.convert("RGB")` in clean-fid; our inputs are uint8 too);
   2. clean-fid's own resizer `make_resizer("PIL", quantize_after=False, "bicubic", (299, 299))`, reused here:
      each channel is resized separately as a float32 PIL "F" image with bicubic (antialiased) filtering and
      clipped to [0, 255], with no rounding back to 8 bits;
@@ -18,20 +18,22 @@ Preprocessing (cleanfid 0.1.35, compute_fid → compare_folders → get_folder_f
 The tests check that our FID equals `compute_fid(mode="clean", custom_feat_extractor=...)` on the same images.
 
 sFID features follow OpenAI's ADM evaluator (guided-diffusion evaluations/evaluator.py): the TF tensor
-"mixed_6/conv:0", the ReLU output of the 1×1 branch of the fourth 17×17 block (torchvision's
+"mixed_6/conv:0", the ReLU output of the 1×1 branch of the third Inception-C 17×17 block (torchvision's
 Mixed_6d.branch1x1, 192 channels), first 7 channels, flattened per image. TF tensors are NHWC, so ADM's
-`spatial[..., :7].reshape(B, -1)` is channel-fastest: index (h * 17 + w) * 7 + c. We permute our NCHW output to
-that order. (The Fréchet distance is invariant to a fixed permutation of coordinates, so the order only matters
-for anyone comparing feature arrays.) Note that ADM feeds images through TF's own bilinear resize, while we use
-clean-fid's bicubic one for both FID and sFID: our sFID uses ADM's features but is not numerically ADM's sFID.
+`spatial[..., :7].reshape(B, -1)` is channel-fastest: index (h * 17 + w) * 7 + c. We permute our NCHW output
+to that order. (The Fréchet distance is invariant to a fixed permutation of coordinates, so the order only
+matters for anyone comparing feature arrays.) Note that ADM feeds images through TF's own bilinear resize,
+while we use clean-fid's bicubic one for both FID and sFID: our sFID uses ADM's features but is not
+numerically ADM's sFID.
 
 Getting mixed_6/conv out of the TorchScript: its `layers` module is a straight chain of TF-named stages
-(conv, conv_1, conv_2, pool0, conv_3, conv_4, pool1, mixed, mixed_1, ..., mixed_10, pool2), and each mixed block
-concatenates its branches with the 1×1 `conv` branch first (as read from the scripted code, e.g. the code dump
-in a public PaddlePaddle port of this file; we could not open the file itself). So we run the `layers` children
-in order up to mixed_5 and apply `layers.mixed_6.conv` to mixed_5's output. Because that rests on reading, not on
-the file, every load VERIFIES it on a probe image: the chained stages must reproduce `layers(x)` (what
-clean-fid computes), and mixed_6's output must begin with `mixed_6.conv`'s output; otherwise loading fails.
+(conv, conv_1, conv_2, pool0, conv_3, conv_4, pool1, mixed, mixed_1, ..., mixed_10, pool2), and each mixed
+block concatenates its branches with the 1×1 `conv` branch first (as read from the scripted code, e.g. the
+code dump in a public PaddlePaddle port of this file; we could not open the file itself). So we run the
+`layers` children in order up to mixed_5 and apply `layers.mixed_6.conv` to mixed_5's output. Because that
+rests on reading, not on the file, every load VERIFIES it on a probe image: the chained stages must reproduce
+`layers(x)` (what clean-fid computes), and mixed_6's output must begin with `mixed_6.conv`'s output; otherwise
+loading fails.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_ENV_VAR = "INFGEN_INCEPTION_WEIGHTS"
 WEIGHTS_FILE_NAME = "inception-2015-12-05.pt"
-WEIGHTS_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+WEIGHTS_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+)
 
 INPUT_SIZE = 299
 POOL_DIMENSION = 2048
@@ -62,14 +66,16 @@ SPATIAL_CHANNELS = 7  # ADM's evaluator keeps the first 7 of mixed_6/conv's 192 
 SPATIAL_SIDE = 17
 SPATIAL_DIMENSION = SPATIAL_CHANNELS * SPATIAL_SIDE * SPATIAL_SIDE  # 2023
 SUBSTITUTE_SEED = 0
-SUBSTITUTE_NAME = f"SUBSTITUTE random-init Inception-v3 seed {SUBSTITUTE_SEED} — not comparable to published FID"
+SUBSTITUTE_NAME = (
+    f"SUBSTITUTE random-init Inception-v3 seed {SUBSTITUTE_SEED} — not comparable to published FID"
+)
 TORCHVISION_INIT_STD = 0.1  # torchvision's Inception3 init: truncated normal, std 0.1 for every conv
 
 # torchvision Inception3 children that correspond to the TorchScript's `layers` chain, split where mixed_6
 # (= Mixed_6d) begins. AuxLogits, dropout and fc are not on the pool_3 path.
 TORCHVISION_STAGES_BEFORE_MIXED_6 = (
-    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
-    "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
+    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+    "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
 )  # fmt: skip
 TORCHVISION_STAGES_FROM_MIXED_6 = ("Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool")
 
@@ -124,10 +130,11 @@ class CleanFidPoolFeatures(nn.Module):
 
 
 class InceptionFeatures:
-    """Callable feature extractor: uint8 images of any size → {"pool": (B, 2048), "spatial": (B, 2023)} float64.
+    """Callable extractor: uint8 images of any size → {"pool": (B, 2048), "spatial": (B, 2023)} in float64.
 
     Attributes: `name` (what to record next to the numbers), `is_substitute`, `weights_path` (None for the
-    substitute), `network` (the underlying TorchScript or torchvision module), `trunk`, `device`, `batch_size`.
+    substitute), `network` (the underlying TorchScript or torchvision module), `trunk`, `device`,
+    `batch_size`.
     """
 
     def __init__(
@@ -163,7 +170,7 @@ class InceptionFeatures:
         return self._resize(np.ascontiguousarray(image))
 
     def features(self, images: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]) -> dict:
-        """Pool_3 and spatial features of uint8 images, (B, 3, H, W) or (B, H, W, 3), or a list of single images.
+        """Pool_3 and spatial features of uint8 images: (B, 3, H, W), (B, H, W, 3) or a list of single images.
 
         Returns {"pool": (B, 2048), "spatial": (B, 2023)} as float64 numpy arrays (computed in float32).
         """
@@ -172,7 +179,9 @@ class InceptionFeatures:
         for start in range(0, len(image_list), self.batch_size):
             chunk = image_list[start : start + self.batch_size]
             # ToTensor of a float32 (H, W, 3) array: a transpose to (3, H, W), no rescaling.
-            resized = torch.stack([torch.from_numpy(self.resize(image).transpose(2, 0, 1)) for image in chunk])
+            resized = torch.stack(
+                [torch.from_numpy(self.resize(image).transpose(2, 0, 1)) for image in chunk]
+            )
             with torch.inference_mode():
                 pool, spatial = self.trunk(resized.float().contiguous().to(self.device))
             pools.append(pool.cpu().numpy())
@@ -208,8 +217,10 @@ def load_inception(
     else:
         network, trunk, reference_pool = _trunk_from_torchscript(path)
         name, source = f"clean-fid inception-2015-12-05 ({path})", str(path)
-    trunk.requires_grad_(False)
-    trunk.to(device).eval()
+    # The whole network, not only the trunk: the verification runs the network's own forward on `device`.
+    network.to(device).eval()
+    for parameter in network.parameters():  # ScriptModules refuse requires_grad_(); parameters are fine
+        parameter.requires_grad_(False)
     _verify_trunk(trunk, reference_pool, source, device)
     return InceptionFeatures(trunk, network, name, path is None, path, device, batch_size)
 
@@ -225,7 +236,9 @@ def _find_weights(weights: str | Path | None) -> Path | None:
         # A configured path that is wrong is a mistake to report, not a reason to fall back to the substitute.
         path = Path(from_env).expanduser()
         if not path.is_file():
-            raise ValueError(f"Inception weights {path} (from ${WEIGHTS_ENV_VAR}) do not exist (or are not a file)")
+            raise ValueError(
+                f"Inception weights {path} (from ${WEIGHTS_ENV_VAR}) do not exist (or are not a file)"
+            )
         return path
     default = default_weights_path()
     return default if default.is_file() else None
@@ -233,10 +246,10 @@ def _find_weights(weights: str | Path | None) -> Path | None:
 
 def _warn_substitute() -> None:
     message = (
-        f"FID/sFID/KID/precision/recall use a {SUBSTITUTE_NAME}: no Inception weights were found (looked for "
-        f"${WEIGHTS_ENV_VAR} and {default_weights_path()}). These values are NOT comparable to published ones, "
-        f"only to others from the same substitute. Put NVIDIA's {WEIGHTS_FILE_NAME} (from {WEIGHTS_URL}) at "
-        f"{default_weights_path()}, set ${WEIGHTS_ENV_VAR}, or pass its path."
+        f"FID/sFID/KID/precision/recall use a {SUBSTITUTE_NAME}: no Inception weights were found (looked "
+        f"for ${WEIGHTS_ENV_VAR} and {default_weights_path()}). These values are NOT comparable to published "
+        f"ones, only to others from the same substitute. Put NVIDIA's {WEIGHTS_FILE_NAME} "
+        f"(from {WEIGHTS_URL}) at {default_weights_path()}, set ${WEIGHTS_ENV_VAR}, or pass its path."
     )
     logger.warning(message)
     warnings.warn(message, UserWarning, stacklevel=3)
@@ -245,10 +258,10 @@ def _warn_substitute() -> None:
 def _substitute_network() -> nn.Module:
     """torchvision's Inception-v3 with its own random init under a fixed seed, identical in every process.
 
-    torchvision draws every conv from N(0, 0.1²); with eval-mode batch norm at its initial identity statistics,
-    activations then grow by ~1.5-2× per layer and pool_3 features reach ~1e10, where FID is ~1e20 and float32
-    features keep no useful digits. Each conv is therefore rescaled (same draw) to He variance 2 / fan_in, which
-    keeps features O(1).
+    torchvision draws every conv from N(0, 0.1²); with eval-mode batch norm at its initial identity
+    statistics, activations then grow by ~1.5-2× per layer and pool_3 features reach ~1e10, where FID is ~1e20
+    and float32 features keep no useful digits. Each conv's draw is therefore rescaled to He variance
+    (2 / fan_in), which keeps features O(1).
     """
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
         torch.manual_seed(SUBSTITUTE_SEED)
@@ -289,27 +302,39 @@ def _trunk_from_torchscript(path: Path) -> tuple[nn.Module, InceptionTrunk, Call
     expected = f"expected NVIDIA's TorchScript {WEIGHTS_FILE_NAME} from {WEIGHTS_URL}"
     try:
         with warnings.catch_warnings():
-            # torch 2.14 deprecates TorchScript; this file only exists as TorchScript, so the warning is noise.
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+            # torch 2.14 deprecates TorchScript; this file only exists as TorchScript, so the warning is
+            # noise.
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning
+            )
             base = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as error:  # torch raises RuntimeError for most bad files, but other types for some
         raise ValueError(
-            f"Inception weights {path} cannot be loaded as TorchScript ({type(error).__name__}: {error}); {expected}"
+            f"Inception weights {path} cannot be loaded as TorchScript ({type(error).__name__}: {error}); "
+            f"{expected}"
         ) from error
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.Module):
-        raise ValueError(f"Inception weights {path} have no `layers` submodule (clean-fid needs it); {expected}")
+        raise ValueError(
+            f"Inception weights {path} have no `layers` submodule (clean-fid needs it); {expected}"
+        )
     stages = list(layers.named_children())
     names = [name for name, _ in stages]
-    if "mixed_5" not in names or "mixed_6" not in names or names.index("mixed_6") != names.index("mixed_5") + 1:
+    if (
+        "mixed_5" not in names
+        or "mixed_6" not in names
+        or names.index("mixed_6") != names.index("mixed_5") + 1
+    ):
         raise ValueError(
-            f"Inception weights {path}: `layers` children {names} do not contain mixed_5 directly followed by "
-            f"mixed_6, which sFID's mixed_6/conv features need; {expected}"
+            f"Inception weights {path}: `layers` children {names} do not contain mixed_5 directly followed "
+            f"by mixed_6, which sFID's mixed_6/conv features need; {expected}"
         )
     split = names.index("mixed_6")
     spatial_branch = getattr(stages[split][1], "conv", None)
     if not isinstance(spatial_branch, nn.Module):
-        raise ValueError(f"Inception weights {path} have no `layers.mixed_6.conv` (TF mixed_6/conv); {expected}")
+        raise ValueError(
+            f"Inception weights {path} have no `layers.mixed_6.conv` (TF mixed_6/conv); {expected}"
+        )
     trunk = InceptionTrunk(
         [module for _, module in stages[:split]], spatial_branch, [module for _, module in stages[split:]]
     )
@@ -321,9 +346,7 @@ def _trunk_from_torchscript(path: Path) -> tuple[nn.Module, InceptionTrunk, Call
     return base, trunk, reference_pool
 
 
-def _verify_trunk(
-    trunk: InceptionTrunk, reference_pool: Callable, source: str, device: torch.device
-) -> None:
+def _verify_trunk(trunk: InceptionTrunk, reference_pool: Callable, source: str, device: torch.device) -> None:
     """Check on a probe image that the trunk computes what the network computes; raise ValueError if not.
 
     Two facts are checked: chaining the stages one by one reproduces the network's own pool_3 (so the stage
@@ -372,7 +395,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 def _as_hwc_uint8_list(images: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]) -> list:
-    """Split a uint8 batch (B, 3, H, W) / (B, H, W, 3), or a list of such single images, into (H, W, 3) arrays."""
+    """Split a uint8 batch (B, 3, H, W) / (B, H, W, 3), or a list of single images, into (H, W, 3) arrays."""
     if isinstance(images, (torch.Tensor, np.ndarray)):
         array = _to_numpy(images)
         if array.ndim != 4:

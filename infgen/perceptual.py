@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 TRUNK_ENV_VAR = "INFGEN_LPIPS_TRUNK"
 WEIGHTS_URL = "https://download.pytorch.org/models/"
+RANDOM_TRUNK_SEED = 0
 
 # lpips `net` name → (torchvision constructor whose `.features` lpips slices, torchvision's weight file name)
 TRUNKS = {
@@ -48,9 +49,12 @@ def load_lpips(trunk_weights: str | Path | None = None, net: str = "alex") -> lp
     if net not in TRUNKS:
         raise ValueError(f"unknown LPIPS net {net!r}; expected one of {sorted(TRUNKS)}")
     path = _find_trunk_weights(trunk_weights, net)
-    with warnings.catch_warnings():
+    # The random trunk (when no weights are found) must be the same network in every process, or LPIPS values
+    # from different Ray workers would not be comparable: build it from a fixed seed, leaving the caller's RNG.
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # lpips passes torchvision's deprecated `pretrained=` argument; the warning is noise, not actionable.
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        torch.manual_seed(RANDOM_TRUNK_SEED)
         model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
     if path is None:
         logger.warning(

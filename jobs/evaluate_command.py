@@ -18,7 +18,9 @@ PRESETS = ("paper", "embedded")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--decoder", required=True, help="InfGen decoder directory (e.g. train's final_decoder)")
+    parser.add_argument(
+        "--decoder", required=True, help="InfGen decoder directory (e.g. train's final_decoder)"
+    )
     parser.add_argument("--images", required=True, help="the ingest stage's images/ folder (ground truth)")
     parser.add_argument(
         "--latents", help="the latent stage's output: its held-out images are evaluated (default: all images)"
@@ -63,7 +65,12 @@ def build_config(args: argparse.Namespace):
     from pipelines.evaluation.config import PRESETS as CONFIGS
 
     config = CONFIGS[args.preset]
-    changes = {"seed": args.seed, "vae": args.vae, "inception": args.inception, "lpips_trunk": args.lpips_trunk}
+    changes = {
+        "seed": args.seed,
+        "vae": args.vae,
+        "inception": args.inception,
+        "lpips_trunk": args.lpips_trunk,
+    }
     if args.sizes:
         changes["sizes"] = tuple(parse_size(s if "x" in s else f"{s}x{s}") for s in args.sizes)
     for name in ("max_images", "patches_per_image", "patch_mode", "workers"):
@@ -92,11 +99,15 @@ def evaluation_tracker(args: argparse.Namespace):
         for row in rows:
             for name, value in row.items():
                 if isinstance(value, float) and value == value and abs(value) != float("inf"):
-                    metrics[f"{row['source']}.{row['size']}.{row['decoder']}.{name}".replace("+", "_")] = value
+                    metrics[f"{row['source']}.{row['size']}.{row['decoder']}.{name}".replace("+", "_")] = (
+                        value
+                    )
 
         def extra(mlflow) -> None:
             columns = sorted({key for row in rows for key in row})
-            mlflow.log_table({c: [row.get(c) for row in rows] for c in columns}, artifact_file="plugin_gains.json")
+            mlflow.log_table(
+                {c: [row.get(c) for row in rows] for c in columns}, artifact_file="plugin_gains.json"
+            )
             mlflow.log_text(fsspec.open(f"{out}/plugin_gains.md", "r").open().read(), "plugin_gains.md")
             filesystem, root = fsspec.core.url_to_fs(out)
             for path in sorted(filesystem.glob(f"{root}/grids/*.png")):

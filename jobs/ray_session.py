@@ -18,6 +18,7 @@ def connect_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    inside_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     if address is None:
         # An embedded cluster lives and dies with this process, on this machine: token auth only gets in the
         # way of its own workers (environment.md). Clusters keep whatever their operators chose.
@@ -26,7 +27,8 @@ def connect_ray(address: str | None = None) -> None:
     ray.init(
         address=address,
         include_dashboard=False,
-        runtime_env={"env_vars": OFFLINE_ENVIRONMENT} if address else None,
+        # Inside a Ray job the job's runtime_env already carries these, and Ray refuses to merge a second one.
+        runtime_env={"env_vars": OFFLINE_ENVIRONMENT} if address and not inside_ray_job else None,
     )
     # Ray Data logs every dataset's plan at INFO; the stages print their own one-line progress instead.
     logging.getLogger("ray.data").setLevel(logging.WARNING)

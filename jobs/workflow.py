@@ -142,7 +142,9 @@ class Workflow:
                 for upstream in stage.upstream():
                     if f"{{{upstream}}}" not in str(value) or inputs.get(upstream) is None:
                         continue
-                    location = str(value).replace(f"{{{upstream}}}", stage_output(self.run_dir, self._stage(upstream)))
+                    location = str(value).replace(
+                        f"{{{upstream}}}", stage_output(self.run_dir, self._stage(upstream))
+                    )
                     with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
                         warnings.simplefilter("ignore")
                         source = resolve_dataset_source(location)
@@ -209,7 +211,9 @@ class Workflow:
                 try:
                     self.execute(stage, wanted["arguments"] + self.tracking_arguments(stage, parent))
                 except BaseException as error:
-                    self.write_record(stage, {**record, "status": "failed", "error": f"{type(error).__name__}: {error}"})
+                    self.write_record(
+                        stage, {**record, "status": "failed", "error": f"{type(error).__name__}: {error}"}
+                    )
                     raise
                 output = stage_output(self.run_dir, stage)
                 digest = output_hash(stage, output)

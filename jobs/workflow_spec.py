@@ -65,7 +65,9 @@ class WorkflowSpec:
         names = self.stage_names()
         for option, value in (("--from", first), ("--until", last)):
             if value is not None and value not in names:
-                raise ValueError(f"{option} {value}: no such stage in {self.source} (stages: {', '.join(names)})")
+                raise ValueError(
+                    f"{option} {value}: no such stage in {self.source} (stages: {', '.join(names)})"
+                )
         start = names.index(first) if first else 0
         end = names.index(last) + 1 if last else len(names)
         if start >= end:

@@ -204,6 +204,19 @@ def test_load_lpips_without_weights_warns_about_random_trunk(offline_torch_home,
     assert str(offline_torch_home) in str(default_trunk_path("alex"))
 
 
+def test_random_trunk_is_the_same_in_every_process_and_leaves_the_rng_alone(offline_torch_home):
+    # Ray workers each build their own LPIPS: without weights their values must still be comparable.
+    torch.manual_seed(1)
+    first = load_lpips()
+    after_first = torch.rand(1)
+    torch.manual_seed(2)
+    second = load_lpips()
+    for a, b in zip(first.net.parameters(), second.net.parameters()):
+        assert torch.equal(a, b)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_first)  # building it drew nothing from the caller's generator
+
+
 def assert_trunk_equals(model, path):
     saved = torch.load(path, weights_only=True)
     # lpips names each slice's children by their index in torchvision's `features`

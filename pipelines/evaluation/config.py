@@ -25,7 +25,9 @@ class EvalConfig:
     grid_images: int = 3  # side-by-side rows (truth | baseline | InfGen) per source and size
     seed: int = 0
     vae: str | None = None  # the stock decoder and the reconstruction encoder; None → embedded substitute
-    inception: str | None = None  # clean-fid's inception-2015-12-05.pt; None → its default place, else substitute
+    inception: str | None = (
+        None  # clean-fid's inception-2015-12-05.pt; None → its default place, else substitute
+    )
     lpips_trunk: str | None = None  # torchvision AlexNet weights for LPIPS; None → default place, else random
     mlflow_experiment: str = "infgen-eval"
 
@@ -38,8 +40,17 @@ class EvalConfig:
         if self.patch_mode not in ("random", "grid"):
             raise ValueError(f"patch_mode must be 'random' or 'grid', got {self.patch_mode!r}")
         if self.baseline_resample not in ("lanczos", "bicubic"):
-            raise ValueError(f"baseline_resample must be 'lanczos' or 'bicubic', got {self.baseline_resample!r}")
-        for name in ("max_images", "patches_per_image", "chunk_images", "decode_batch", "workers", "input_side"):
+            raise ValueError(
+                f"baseline_resample must be 'lanczos' or 'bicubic', got {self.baseline_resample!r}"
+            )
+        for name in (
+            "max_images",
+            "patches_per_image",
+            "chunk_images",
+            "decode_batch",
+            "workers",
+            "input_side",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
 

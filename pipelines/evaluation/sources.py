@@ -59,7 +59,9 @@ def load_latent_file(path: str, channels: int, max_items: int | None = None) -> 
     """Scaled latents (N, C, h, w) float32 from .npy / .npz / .pt / .parquet, validated."""
     suffix = Path(path.split("?")[0]).suffix.lower()
     if suffix not in LATENT_FILE_SUFFIXES:
-        raise ValueError(f"latent file {path}: unsupported type {suffix!r} (use one of {LATENT_FILE_SUFFIXES})")
+        raise ValueError(
+            f"latent file {path}: unsupported type {suffix!r} (use one of {LATENT_FILE_SUFFIXES})"
+        )
     try:
         array = _read_array(path, suffix)
     except (OSError, KeyError, ValueError) as error:

@@ -40,7 +40,9 @@ def plan_items(out: str, config: EvalConfig, refs: list[dict], latent_sources: d
     items = []
     for size in config.sizes:
         units = [(RECONSTRUCTION, {"kind": "reconstruction"}, len(refs))]
-        units += [(name, {"kind": "latents", "file": path}, count) for name, (path, count) in latent_sources.items()]
+        units += [
+            (name, {"kind": "latents", "file": path}, count) for name, (path, count) in latent_sources.items()
+        ]
         for source, fields, total in units:
             for start in range(0, total, config.chunk_images):
                 count = min(config.chunk_images, total - start)
@@ -69,13 +71,21 @@ def run_evaluation(
     latents = absolute(latents) if latents else None
     weights = Path(decoder) / "model.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"--decoder {decoder}: no model.safetensors (expected an infgen.save directory)")
+        raise FileNotFoundError(
+            f"--decoder {decoder}: no model.safetensors (expected an infgen.save directory)"
+        )
     latent_files = {name: absolute(path) for name, path in (latent_files or {}).items()}
     pipelines = {name: absolute(path) for name, path in (pipelines or {}).items()}
     for name in [*latent_files, *pipelines]:
         if name == RECONSTRUCTION or "/" in name or not name:
             raise ValueError(f"source name {name!r} is reserved or not a plain name")
     refs = held_out_images(images, latents, config.max_images)  # bad inputs fail before anything is written
+    needed = config.precision_recall_k + 1  # k-NN radii need k other points; covariances need 2
+    if len(refs) < needed:
+        raise ValueError(
+            f"only {len(refs)} held-out image(s) in {images}; the metrics need at least {needed} "
+            "(hold more out in the latent stage, or evaluate a separate ingest without --latents)"
+        )
     filesystem, root = fsspec.core.url_to_fs(output)
     filesystem.makedirs(root, exist_ok=True)
     out = output.rstrip("/")
@@ -85,7 +95,7 @@ def run_evaluation(
                   "held_out": [ref["key"] for ref in refs], "latent_files": {}, "pipelines": pipelines}  # fmt: skip
         for name, path in latent_files.items():
             inputs["latent_files"][name] = {"path": path, "sha256": file_sha256(path)}
-        wanted = {"config": config.to_dict(), "inputs": inputs}
+        wanted = json.loads(json.dumps({"config": config.to_dict(), "inputs": inputs}))  # tuples → lists
         if filesystem.exists(f"{root}/evaluation.json"):
             if read_json(f"{out}/evaluation.json", "evaluation record") != wanted:
                 raise ValueError(
@@ -97,17 +107,29 @@ def run_evaluation(
         sources = {}
         for name, path in latent_files.items():
             # Validated on the driver first, so a bad file fails here with its name, not inside an actor.
-            sources[name] = (path, min(len(load_latent_file(path, config.latent_channels)), config.max_images))
+            sources[name] = (
+                path,
+                min(len(load_latent_file(path, config.latent_channels)), config.max_images),
+            )
+            if sources[name][1] < needed:
+                raise ValueError(
+                    f"latent file {path} ({name}): {sources[name][1]} latents, need at least {needed}"
+                )
         for name, directory in pipelines.items():
             sampled = f"{out}/sources/{name}.npy"
             if not filesystem.exists(f"{root}/sources/{name}.npy"):
-                progress(f"evaluate: sampling {config.max_images} latents from the diffusers pipeline {directory}")
+                progress(
+                    f"evaluate: sampling {config.max_images} latents from the diffusers pipeline {directory}"
+                )
                 array = ray.get(_sample.remote(directory, config.max_images, config.seed))
                 buffer = io.BytesIO()
                 np.save(buffer, array)
                 filesystem.makedirs(f"{root}/sources", exist_ok=True)
                 filesystem.pipe_file(f"{root}/sources/{name}.npy", buffer.getvalue())
-            sources[name] = (sampled, min(len(load_latent_file(sampled, config.latent_channels)), config.max_images))
+            sources[name] = (
+                sampled,
+                min(len(load_latent_file(sampled, config.latent_channels)), config.max_images),
+            )
         items = plan_items(out, config, refs, sources)
         todo = [item for item in items if not filesystem.exists(fsspec.core.url_to_fs(item["part"])[1])]
         progress(f"evaluate: {len(refs)} held-out images, {len(sources)} other source(s), "
@@ -157,7 +179,9 @@ def _aggregate(out: str, items: list[dict], config: EvalConfig, inputs: dict, se
         groups, meta = load_part(item["part"])
         by_unit.setdefault((item["source"], tuple(item["size"])), []).append(groups)
     results = {unit: concatenate(parts) for unit, parts in by_unit.items()}
-    reference = {size: groups[REFERENCE] for (source, size), groups in results.items() if source == RECONSTRUCTION}
+    reference = {
+        size: groups[REFERENCE] for (source, size), groups in results.items() if source == RECONSTRUCTION
+    }
     for groups in results.values():
         groups.pop(REFERENCE, None)
     rows = gains_rows(results, reference, config)
@@ -187,6 +211,9 @@ def _aggregate(out: str, items: list[dict], config: EvalConfig, inputs: dict, se
         "rows": rows,
         "counts": {"chunks": len(items), "rows": len(rows)},
         "seconds": round(seconds, 1),
-        "layout": {"table": ["plugin_gains.md", "plugin_gains.json", "plugin_gains.csv"],
-                   "grids": "grids/SOURCE_HxW.png", "parts": "parts/SOURCE/HxW/NNNNN.npz"},  # fmt: skip
+        "layout": {
+            "table": ["plugin_gains.md", "plugin_gains.json", "plugin_gains.csv"],
+            "grids": "grids/SOURCE_HxW.png",
+            "parts": "parts/SOURCE/HxW/NNNNN.npz",
+        },  # fmt: skip
     }

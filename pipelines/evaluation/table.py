@@ -25,7 +25,10 @@ def concatenate(parts: list[dict]) -> dict[str, dict[str, np.ndarray]]:
         for group, arrays in part.items():
             for name, array in arrays.items():
                 groups.setdefault(group, {}).setdefault(name, []).append(array)
-    return {g: {n: np.concatenate(a).astype(np.float64) for n, a in arrays.items()} for g, arrays in groups.items()}
+    return {
+        g: {n: np.concatenate(a).astype(np.float64) for n, a in arrays.items()}
+        for g, arrays in groups.items()
+    }
 
 
 def decoder_metrics(ours: dict, reference: dict, config: EvalConfig) -> dict[str, float]:
@@ -59,7 +62,9 @@ def gains_rows(results: dict, reference: dict, config: EvalConfig) -> list[dict]
                 for metric, _ in METRICS:
                     base = metrics[BASELINE].get(metric)
                     if base is not None and metric in metrics[INFGEN] and base != 0 and np.isfinite(base):
-                        row[f"{metric}_change_pct"] = round(100 * (metrics[INFGEN][metric] - base) / abs(base), 2)
+                        row[f"{metric}_change_pct"] = round(
+                            100 * (metrics[INFGEN][metric] - base) / abs(base), 2
+                        )
             rows.append(row)
     return rows
 
@@ -76,7 +81,11 @@ def markdown(rows: list[dict], extractor: str) -> str:
             if value is None:
                 cells.append("–")
                 continue
-            text = f"{value:.4f}" if metric in ("kid", "precision", "recall", "ssim", "lpips") else f"{value:.2f}"
+            text = (
+                f"{value:.4f}"
+                if metric in ("kid", "precision", "recall", "ssim", "lpips")
+                else f"{value:.2f}"
+            )
             change = row.get(f"{metric}_change_pct")
             if change is not None:
                 better = (change < 0) == lower_better[metric]

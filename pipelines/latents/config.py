@@ -41,6 +41,8 @@ class LatentConfig:
 # Small enough for 2 CPU cores in seconds: 64² crops → 8×8 latents, targets 64–128 (the demo's task), in
 # coarse buckets so that a few dozen images fill whole batches of one target size.
 EMBEDDED = LatentConfig(
-    policy=CropPolicy(input_side=64, min_side=64, max_side=128, step=32), samples_per_image=4, batch_size=16,
+    policy=CropPolicy(input_side=64, min_side=64, max_side=128, step=32),
+    samples_per_image=4,
+    batch_size=16,
     holdout_fraction=0.2,  # a few dozen images: enough held out for the demo's evaluation to mean something
 )
