@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import platform
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,6 +50,8 @@ import torch
 import torchvision
 from cleanfid.resize import make_resizer
 from torch import nn
+
+from infgen.local_weights import find_local_weights
 
 logger = logging.getLogger(__name__)
 
@@ -226,22 +227,9 @@ def load_inception(
 
 
 def _find_weights(weights: str | Path | None) -> Path | None:
-    if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ValueError(f"Inception weights {path} do not exist (or are not a file)")
-        return path
-    from_env = os.environ.get(WEIGHTS_ENV_VAR)
-    if from_env:
-        # A configured path that is wrong is a mistake to report, not a reason to fall back to the substitute.
-        path = Path(from_env).expanduser()
-        if not path.is_file():
-            raise ValueError(
-                f"Inception weights {path} (from ${WEIGHTS_ENV_VAR}) do not exist (or are not a file)"
-            )
-        return path
-    default = default_weights_path()
-    return default if default.is_file() else None
+    return find_local_weights(
+        weights, WEIGHTS_ENV_VAR, default_weights_path(), "Inception weights", ValueError
+    )
 
 
 def _warn_substitute() -> None:

@@ -10,7 +10,6 @@ warning, and the returned module's `trunk_is_pretrained` attribute is False, so 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -19,6 +18,8 @@ import lpips
 import torch
 import torchvision
 from torch import nn
+
+from infgen.local_weights import find_local_weights
 
 logger = logging.getLogger(__name__)
 
@@ -77,20 +78,9 @@ def load_lpips(trunk_weights: str | Path | None = None, net: str = "alex") -> lp
 
 
 def _find_trunk_weights(trunk_weights: str | Path | None, net: str) -> Path | None:
-    if trunk_weights is not None:
-        path = Path(trunk_weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"LPIPS trunk weights {path} do not exist (or are not a file)")
-        return path
-    from_env = os.environ.get(TRUNK_ENV_VAR)
-    if from_env:
-        # A configured path that is wrong is a mistake to report, not a reason to fall back to a random trunk.
-        path = Path(from_env).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"LPIPS trunk weights {path} (from ${TRUNK_ENV_VAR}) do not exist")
-        return path
-    cached = default_trunk_path(net)
-    return cached if cached.is_file() else None
+    return find_local_weights(
+        trunk_weights, TRUNK_ENV_VAR, default_trunk_path(net), "LPIPS trunk weights", FileNotFoundError
+    )
 
 
 def _load_trunk(trunk: nn.Module, path: Path, net: str) -> None:

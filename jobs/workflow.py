@@ -185,7 +185,8 @@ class Workflow:
                     self._stage(upstream), stage_output(self.run_dir, self._stage(upstream))) is None:  # fmt: skip
                     raise ValueError(f"stage {stage.name} reads {upstream}, which has not finished; "
                                      f"run from {upstream} (--from {upstream})")  # fmt: skip
-        Path(self.run_dir).mkdir(parents=True, exist_ok=True) if "://" not in self.run_dir else None
+        if "://" not in self.run_dir:
+            Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         parent = self.parent_run()
         client = MlflowClient(self.tracking_uri)
         where = f"Ray jobs on {self.address}" if self.address else "this machine (embedded Ray)"

@@ -19,6 +19,7 @@ import fsspec
 import numpy as np
 import ray
 
+from pipelines.actor_pool import map_with_actor_pool
 from pipelines.errors import StageError
 from pipelines.evaluation.config import EvalConfig
 from pipelines.evaluation.scoring import REFERENCE, ChunkScorer, load_part
@@ -154,19 +155,9 @@ def _sample(directory: str, count: int, seed: int) -> np.ndarray:
 
 
 def _score(todo: list[dict], decoder: str, config: EvalConfig, progress, started: float) -> None:
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
-    scored = ray.data.from_items(
-        [{"item": json.dumps(item)} for item in todo], override_num_blocks=len(todo)
-    ).map_batches(
-        ChunkScorer,
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(config.workers, len(todo))),
-        num_gpus=1 if gpus else 0,
-        num_cpus=1,
-        fn_constructor_kwargs={"config": config, "decoder": decoder},
-    )
-    for done, row in enumerate(scored.iter_rows(), start=1):
+    rows = map_with_actor_pool([{"item": json.dumps(item)} for item in todo], ChunkScorer, config.workers,
+                               {"config": config, "decoder": decoder})  # fmt: skip
+    for done, row in enumerate(rows, start=1):
         result = json.loads(row["result"])
         progress(f"evaluate: {done}/{len(todo)} chunks ({result['part'].rsplit('/parts/', 1)[-1]}, "
                  f"{result['images']} images, {time.perf_counter() - started:.0f}s)")  # fmt: skip

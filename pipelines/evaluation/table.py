@@ -12,7 +12,6 @@ import numpy as np
 from infgen.distribution import frechet_distance, kernel_inception_distance, precision_recall
 from pipelines.evaluation.config import EvalConfig
 from pipelines.evaluation.decoders import BASELINE, DECODERS, INFGEN
-from pipelines.evaluation.scoring import REFERENCE
 
 # (name, lower is better)
 METRICS = (("fid", True), ("kid", True), ("sfid", True), ("fidp", True), ("sfidp", True),

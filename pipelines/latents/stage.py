@@ -15,8 +15,8 @@ from collections.abc import Callable
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 
+from pipelines.actor_pool import map_with_actor_pool
 from pipelines.errors import StageError
 from pipelines.ingest.manifest import RunLock, code_version, read_json, resolve_inputs, write_json
 from pipelines.latents.config import LatentConfig
@@ -62,19 +62,9 @@ def run_latents(
         todo = [path for path in shards if path.rsplit("/", 1)[-1].removesuffix(".parquet") not in done]
         progress(f"latents: {len(shards)} image shard(s), {len(todo)} to encode, {len(done)} done earlier")
         if todo:
-            gpus = ray.cluster_resources().get("GPU", 0) > 0
-            encoded = ray.data.from_items(
-                [{"path": p} for p in todo], override_num_blocks=len(todo)
-            ).map_batches(
-                ShardEncoder,
-                batch_size=1,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=min(config.encoders, len(todo))),
-                num_gpus=1 if gpus else 0,
-                num_cpus=1,
-                fn_constructor_kwargs={"config": config, "output_dir": output},
-            )
-            for row in encoded.iter_rows():
+            rows = map_with_actor_pool([{"path": p} for p in todo], ShardEncoder, config.encoders,
+                                       {"config": config, "output_dir": output})  # fmt: skip
+            for row in rows:
                 stats = json.loads(row["stats"])
                 progress(
                     f"latents: {stats['shard']}: {stats['samples']} samples from {stats['images_used']} of "

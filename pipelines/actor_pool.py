@@ -1,0 +1,22 @@
+"""The Ray wiring the stages share: one work item per row, mapped by a pool of actors that each load their
+models once (one GPU each when the cluster has GPUs, else one CPU), results streamed back as they finish."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import ray
+
+
+def map_with_actor_pool(rows: list[dict], actor: type, size: int, constructor_kwargs: dict) -> Iterator[dict]:
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    mapped = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        actor,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(size, len(rows))),
+        num_gpus=1 if gpus else 0,
+        num_cpus=1,
+        fn_constructor_kwargs=constructor_kwargs,
+    )
+    return mapped.iter_rows()
