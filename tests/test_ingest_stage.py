@@ -71,8 +71,11 @@ def embedded_run(ray_address, tmp_path_factory):
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     common = ["--samples-per-shard", str(SHARD), "--seed", str(SEED), "--tracking-uri", tracking]
     # an fsspec URL, as on a cluster (s3://, gs://...): nothing may assume a plain local path
+    handler_before = signal.getsignal(signal.SIGINT)
     manifest = ingest("--embedded", str(ROWS), "--output", f"file://{root / 'first'}", *common)
-    return {"root": root, "manifest": manifest, "tracking": tracking, "common": common}
+    handler_after = signal.getsignal(signal.SIGINT)
+    return {"root": root, "manifest": manifest, "tracking": tracking, "common": common,
+            "sigint_handlers": (handler_before, handler_after)}
 
 
 def test_every_row_lands_in_the_bucket_its_kind_predicts(embedded_run):
@@ -81,6 +84,12 @@ def test_every_row_lands_in_the_bucket_its_kind_predicts(embedded_run):
     assert manifest["counts"]["input_rows"] == ROWS
     assert flat_buckets(manifest["counts"]["buckets"]) == expected_buckets(ROWS, SEED)
     assert len(manifest["shards"]) == -(-manifest["selection"]["rows"] // SHARD)
+
+
+def test_ctrl_c_still_interrupts_after_a_download(embedded_run):
+    # img2dataset installs a SIGINT handler that exits with status 0; the stage must put the caller's back
+    before, after = embedded_run["sigint_handlers"]
+    assert after is before
 
 
 def test_manifest_on_disk_records_inputs_config_and_code(embedded_run):
