@@ -50,9 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(preset_name: str, decoder: str, size: int, device: str):
     """Random-init model and input for one case (timing only) → a zero-argument callable that decodes once."""
-    from diffusers import AutoencoderKL
-    from diffusers.utils import logging
-
     from infgen.decode import decode
     from infgen.model import InfGen, preset
 
@@ -63,6 +60,10 @@ def build(preset_name: str, decoder: str, size: int, device: str):
         model = InfGen(config).to(device=device, dtype=dtype)
         latents = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
         return lambda: decode(model, latents, (size, size))
+    # diffusers only here: `--decoders infgen` runs where it is not installed
+    from diffusers import AutoencoderKL
+    from diffusers.utils import logging
+
     # The preset's pixel-decoder conv layout (for "paper" that is SD-VAE's (128, 256, 512, 512) with
     # layers_per_block 2): diffusers runs layers_per_block + 1 ResBlocks per level, plus its mid attention.
     channels = tuple(config.decoder.channels)

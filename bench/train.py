@@ -5,12 +5,19 @@ against a plain single-process torch loop doing the same work (same model, loss 
 same LatentBatches, AdamW, clipping, discriminator step, EMA), measured in the same run. Target: overhead
 ≤ 15 %. It builds its own small embedded ingest and latents first (about a minute).
 
-GPU mode (`--device cuda`): the plain loop for the `paper` preset at 1024² on random latents and targets,
-bf16 autocast, reporting samples/s and model FLOPs utilisation (FLOPs counted by torch's FlopCounterMode,
-against the card's dense bf16 peak).
+In-process mode (`--device cuda`, or `--engines` on either device): one process, no Ray, random latents and
+targets, the `paper` preset at 1024² by default. `--engines plain` (the default on cuda) is the plain loop
+with bf16 autocast; `--engines deepspeed` is our loop's own code (`build_engines` and `train_step` of
+pipelines/training/loop.py: two DeepSpeed engines from the typed config's JSON, bf16, ZeRO stage, clipping,
+torch AdamW, EMA, the finite-loss all-reduce) on a one-rank process group (nccl on cuda, gloo on cpu, as Ray
+Train would set up); `both` measures the two in the same process, so DeepSpeed's overhead on the device is
+their ratio. Reports samples/s and model FLOPs utilisation (FLOPs of the plain step counted by torch's
+FlopCounterMode, without recomputation, against the card's dense bf16 peak).
 
     infra/isolated.sh .venv/bin/python bench/train.py [--steps 30]
-    python bench/train.py --device cuda [--batch 4]
+    python bench/train.py --device cuda [--batch 4]                         # plain, checkpointing off and on
+    python bench/train.py --device cuda --engines both --checkpointing on   # DeepSpeed against plain
+    python bench/train.py --device cpu --engines both --model-preset tiny --latent 8 --target 64 --steps 2
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -44,6 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4, help="samples per step")
     parser.add_argument("--output", help="also write the markdown report to this file")
+    in_process = "in-process mode (default on cuda: plain); on cpu, giving it picks in-process over Ray"
+    parser.add_argument("--engines", choices=["plain", "deepspeed", "both"], help=in_process)
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
+                        help="in-process mode: activation checkpointing settings to measure")  # fmt: skip
+    parser.add_argument("--model-preset", default="paper", help="in-process mode (tiny: a CPU smoke test)")
+    parser.add_argument("--latent", type=int, default=64, help="in-process mode: latent side")
+    parser.add_argument("--target", type=int, default=1024, help="in-process mode: target side")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="in-process mode")
+    parser.add_argument("--dist-backend", choices=["nccl", "gloo"], help="in-process DeepSpeed: default "
+                        "nccl on cuda (as Ray Train's TorchConfig), gloo on cpu")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -156,62 +174,197 @@ def cpu_mode(args) -> list[str]:
     ]
 
 
-def gpu_measure(args, checkpointing: bool) -> tuple[float, float, float]:
-    """(median s/step, FLOPs/step, peak GiB) of the plain loop for `paper` at 1024² on the GPU."""
-    from torch.utils.flop_counter import FlopCounterMode
+def in_process_config(args, checkpointing: bool):
+    """The stage-1 config (for `tiny`: the small one) at this benchmark's batch, one rank, GAN from step 0."""
+    from pipelines.training.config import STAGE1, STAGE1_SMALL
 
-    from pipelines.training.config import STAGE1
+    base = STAGE1_SMALL if args.model_preset == STAGE1_SMALL.model_preset else STAGE1
+    return dataclasses.replace(
+        base, model_preset=args.model_preset, global_batch=args.batch, num_workers=1, gan_start_step=0,
+        precision=args.precision, zero_stage=STAGE1.zero_stage, activation_checkpointing=checkpointing,
+        use_gpu=args.device == "cuda",
+    )  # fmt: skip
 
-    device = "cuda"
-    config = dataclasses.replace(STAGE1, gan_start_step=0)
-    parts = build(config, device)
-    parts[0].set_activation_checkpointing(checkpointing)
-    latents = torch.randn(args.batch, 4, 64, 64, device=device)
-    truth = torch.rand(args.batch, 3, 1024, 1024, device=device) * 2 - 1
-    plain_step(parts, latents, truth, 0, autocast=True)  # warm-up outside the counters
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+
+def random_batch(args) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(args.batch, 4, args.latent, args.latent, generator=generator)
+    truth = torch.rand(args.batch, 3, args.target, args.target, generator=generator) * 2 - 1
+    return latents.to(args.device), truth.to(args.device)  # on the device for both loops: no copy timed
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+
+def _timed(args, step_fn) -> list[float]:
     times = []
     for step in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        _sync(args.device)
         started = time.perf_counter()
-        plain_step(parts, latents, truth, step, autocast=True)
-        torch.cuda.synchronize()
+        step_fn(step)
+        _sync(args.device)
         times.append(time.perf_counter() - started)
-    memory = torch.cuda.max_memory_allocated() / 2**30
-    with FlopCounterMode(display=False) as counter:  # model FLOPs: recomputation is not counted as useful
+    return times
+
+
+def plain_measure(args, config) -> tuple[float, float, float]:
+    """(median s/step, FLOPs/step, peak GiB) of the plain loop."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device, autocast = args.device, config.precision == "bf16"
+    parts = build(config, device)
+    parts[0].set_activation_checkpointing(config.activation_checkpointing)
+    latents, truth = random_batch(args)
+    plain_step(parts, latents, truth, 0, autocast=autocast)  # warm-up outside the counters
+    _reset_peak(device)
+    times = _timed(args, lambda step: plain_step(parts, latents, truth, step, autocast=autocast))
+    memory = _peak_gib(device)
+    # Model FLOPs: recomputation is not counted as useful. Counted on one sample and scaled (every term is
+    # per sample), so that the step without checkpointing fits where the timed one needed it (80 GB cards).
+    with FlopCounterMode(display=False) as counter:
         parts[0].set_activation_checkpointing(False)
-        plain_step(parts, latents, truth, 0, autocast=True)
-    del parts
-    torch.cuda.empty_cache()
-    return statistics.median(times[args.warmup :]), counter.get_total_flops(), memory
+        plain_step(parts, latents[:1], truth[:1], 0, autocast=autocast)
+    parts = None  # free before the next measurement (the lambda above holds the name, not a copy)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(times[args.warmup :]), counter.get_total_flops() * args.batch, memory
 
 
-def gpu_mode(args) -> list[str]:
-    name = torch.cuda.get_device_name()
+def init_one_rank_process_group(device: str, backend: str | None = None) -> str:
+    """A one-rank torch process group as Ray Train's TorchConfig makes it (nccl with GPUs, gloo on CPU), from
+    the usual env variables, so DeepSpeed reuses it (no MPI discovery); returns the backend."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as probe:  # a free port for the rendezvous
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        for key, value in dict(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        ).items():
+            os.environ.setdefault(key, value)
+        if device == "cuda":
+            torch.cuda.set_device(0)
+        backend = backend or ("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, init_method="env://")
+    return dist.get_backend()
+
+
+def deepspeed_measure(args, config) -> tuple[float, float]:
+    """(median s/step, peak GiB) of our loop's step: pipelines/training/loop.py's engines and train_step."""
+    import gc
+
+    from pipelines.training.loop import build_engines, train_step
+
+    device = args.device
+    init_one_rank_process_group(device, args.dist_backend)  # once per process
+    parts = build_engines(config)
+    latents, truth = random_batch(args)
+
+    def step_fn(step: int) -> None:
+        if train_step(parts, config, latents, truth, step, rank=0) is None:
+            raise FloatingPointError(f"non-finite loss at step {step}")
+
+    step_fn(0)  # warm-up outside the peak
+    _reset_peak(device)
+    times = _timed(args, step_fn)
+    memory = _peak_gib(device)
+    for engine in (parts.generator, parts.discriminator):
+        if hasattr(engine, "destroy"):
+            engine.destroy()
+    parts = engine = None  # free before the next measurement
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(times[args.warmup :]), memory
+
+
+def in_process_mode(args) -> list[str]:
+    import infgen
+
+    device, engines = args.device, args.engines or "plain"
+    os.environ.setdefault("DS_ACCELERATOR", device)  # no probing: the device we were told
+    if device == "cpu":
+        torch.set_num_threads(1)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (1 torch thread)"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    settings = {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]
+    config = in_process_config(args, settings[0])
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = infgen.InfGen(infgen.preset(config.model_preset, **config.model_overrides))
+    parameters = sum(p.numel() for p in model.parameters())
+    versions = f"torch {torch.__version__}"
+    if engines != "plain":
+        import deepspeed
+
+        backend = args.dist_backend or ("nccl" if device == "cuda" else "gloo")
+        versions += f", deepspeed {deepspeed.__version__} ({backend}, 1 rank)"
     lines = [
-        f"Training step, {name}, preset `paper` (252.7M), 4×64×64 → 1024², batch {args.batch}, "
-        f"bf16 autocast, GAN + LPIPS on 512² crops, torch {torch.__version__}",
+        f"Training step, {name}, preset `{config.model_preset}` ({parameters / 1e6:.1f}M), "
+        f"4×{args.latent}² → {args.target}², batch {args.batch}, GAN + LPIPS on {config.loss_crop}² crops, "
+        f"median of {args.steps} steps after {args.warmup} warm-up, {versions}",
         "",
-        "| activation checkpointing | median s/step | samples/s | model TFLOP/step | MFU | peak GiB |",
-        "|---|---|---|---|---|---|",
+        "plain: fp32 weights, bf16 autocast, torch AdamW, clipping, EMA; DeepSpeed: loop.py's "
+        f"`build_engines` + `train_step` ({config.precision} weights, ZeRO {config.zero_stage}, torch AdamW, "
+        f"clipping {config.optimizer.gradient_clipping}, EMA, finite-loss all-reduce; its LPIPS runs in fp32)"
+        if config.precision == "bf16"
+        else "fp32 throughout",
+        "",
+        "| loop | activation checkpointing | median s/step | samples/s | model TFLOP/step | MFU | peak GiB |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for checkpointing in (False, True):
-        seconds, flops, memory = gpu_measure(args, checkpointing)
-        mfu = flops / seconds / (peak * 1e12) if peak else float("nan")
-        lines.append(
-            f"| {'on' if checkpointing else 'off'} | {seconds:.3f} | {args.batch / seconds:.2f} | "
-            f"{flops / 1e12:.2f} | {100 * mfu:.1f} % | {memory:.1f} |"
-        )
-    return lines
+    notes, failures = [], []
+    for checkpointing in settings:
+        config = in_process_config(args, checkpointing)
+        flops, measured = None, {}
+        if engines in ("plain", "both"):
+            seconds, flops, memory = plain_measure(args, config)
+            measured["plain torch"] = (seconds, memory)
+        if engines in ("deepspeed", "both"):
+            try:
+                measured["DeepSpeed (loop.py)"] = deepspeed_measure(args, config)
+            except Exception as error:  # report it beside the plain numbers rather than lose those
+                traceback.print_exc()
+                first = (str(error).strip().splitlines() or [""])[0][:160]
+                failures.append(f"| DeepSpeed (loop.py) | {'on' if checkpointing else 'off'} | FAILED: "
+                                f"{type(error).__name__}: {first} | | | | |")  # fmt: skip
+        for loop, (seconds, memory) in measured.items():
+            tflop = f"{flops / 1e12:.2f}" if flops else "–"
+            mfu = f"{100 * flops / seconds / (peak * 1e12):.1f} %" if flops and peak else "–"
+            on = "on" if checkpointing else "off"
+            speed = f"{seconds:.3f} | {args.batch / seconds:.2f}"
+            peak_gib = "–" if memory != memory else f"{memory:.1f}"  # NaN: not measured on CPU
+            lines.append(f"| {loop} | {on} | {speed} | {tflop} | {mfu} | {peak_gib} |")
+        if len(measured) == 2:
+            (plain_s, _), (ours_s, _) = measured.values()
+            verdict = "met" if ours_s <= 1.15 * plain_s else "MISSED"
+            notes.append(
+                f"DeepSpeed overhead, checkpointing {'on' if checkpointing else 'off'}: "
+                f"{100 * (ours_s / plain_s - 1):+.1f} % (target ≤ 15 %: {verdict})"
+            )
+    args.failed = bool(failures)
+    return lines + failures + ([""] + notes if notes else [])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    lines = gpu_mode(args) if args.device == "cuda" else cpu_mode(args)
+    lines = in_process_mode(args) if args.device == "cuda" or args.engines else cpu_mode(args)
     emit(lines, args.output)
-    return 0
+    return 1 if getattr(args, "failed", False) else 0
 
 
 if __name__ == "__main__":

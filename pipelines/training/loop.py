@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,28 +49,32 @@ def _crop_generator(seed: int, step: int, rank: int, which: int) -> torch.Genera
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 64 + rank) * 2 + which)
 
 
-def train_loop(loop_config: dict) -> None:
+@dataclass
+class Engines:
+    """What one worker trains with: the decoder and its EMA, the loss (frozen LPIPS + discriminator), and the
+    two DeepSpeed engines (decoder, discriminator) with the decoder's LR scheduler."""
+
+    model: torch.nn.Module  # the decoder module inside `generator` (DeepSpeed moved and cast it in place)
+    ema: torch.nn.Module  # fp32, on the engines' device
+    loss: torch.nn.Module  # DecoderLoss; its discriminator is the module inside `discriminator`
+    generator: object  # deepspeed.DeepSpeedEngine
+    discriminator: object  # deepspeed.DeepSpeedEngine
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def build_engines(config, init_from: str | None = None) -> Engines:
+    """The model, EMA, loss and both DeepSpeed engines from the typed config (no Ray: the torch process group
+    must already exist, or DeepSpeed sets one up from RANK/WORLD_SIZE/MASTER_ADDR/... itself)."""
     import deepspeed
-    import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
 
     import infgen
     from infgen.discriminator import DiscriminatorConfig
     from infgen.losses import DecoderLoss, LossConfig
-    from pipelines.training.config import TrainConfig
-    from pipelines.training.data import LatentBatches
-    from pipelines.training.mlflow_rank0 import RankZeroLogger
 
-    config = TrainConfig.from_dict(loop_config["train"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
-
     model = infgen.InfGen(infgen.preset(config.model_preset, **config.model_overrides))
-    if loop_config.get("init_from"):
-        model.load_state_dict(infgen.load(loop_config["init_from"]).state_dict())
+    if init_from:
+        model.load_state_dict(infgen.load(init_from).state_dict())
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # fp32, whatever precision the engine trains in
     model.set_activation_checkpointing(config.activation_checkpointing)
     loss = DecoderLoss(
@@ -93,6 +98,66 @@ def train_loop(loop_config: dict) -> None:
         model_parameters=loss.discriminator.parameters(),
         config=config.deepspeed_config(discriminator=True),
     )
+    # DeepSpeed moved (and cast) the decoder and the discriminator; the frozen LPIPS (fp32: the bf16 inputs
+    # are promoted by its scaling layer) and the EMA follow them to the engines' device.
+    loss.perceptual.to(engine.device)
+    ema.to(engine.device)
+    return Engines(model, ema, loss, engine, discriminator, scheduler)
+
+
+def train_step(
+    parts: Engines, config, latents: torch.Tensor, truth: torch.Tensor, step: int, rank: int
+) -> dict | None:
+    """One step of both engines and the EMA on this rank's batch → the step's metrics (floats), or None when
+    the loss was not finite on some rank: then no rank updates anything (every rank takes the same branch,
+    or the collectives in backward/step would hang)."""
+    import torch.distributed as dist
+
+    engine, loss = parts.generator, parts.loss
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    latents, truth = latents.to(engine.device, dtype), truth.to(engine.device, dtype)
+    size = tuple(truth.shape[-2:])
+    prediction = engine(latents, size)
+    crops = _crop_generator(config.seed, step, rank, 0)
+    losses = loss.generator_loss(prediction, truth, step, generator=crops)
+    if config.nan_loss_at_step == step and rank == 0:  # testing hook: one rank only, the hard case
+        losses["total"] = losses["total"] * float("nan")
+    # On the engines' device: NCCL (GPU workers) reduces only device tensors.
+    finite = torch.isfinite(losses["total"].detach()).to(torch.float32).reshape(1)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1:
+        return None
+    engine.backward(losses["total"])
+    engine.step()
+    metrics = {name: value.item() for name, value in losses.items()}
+    if loss.gan_active(step):
+        crops = _crop_generator(config.seed, step, rank, 1)
+        d_losses = loss.discriminator_loss(prediction, truth, step, crops)
+        parts.discriminator.backward(d_losses["discriminator"])
+        parts.discriminator.step()
+        metrics.update({name: value.item() for name, value in d_losses.items()})
+    with torch.no_grad():
+        for average, current in zip(parts.ema.parameters(), parts.model.parameters()):
+            average.lerp_(current.detach().float().to(average.dtype), 1 - config.ema_decay)
+    metrics["lr"] = parts.scheduler.get_last_lr()[0]
+    return metrics
+
+
+def train_loop(loop_config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.data import LatentBatches
+    from pipelines.training.mlflow_rank0 import RankZeroLogger
+
+    config = TrainConfig.from_dict(loop_config["train"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+
+    parts = build_engines(config, loop_config.get("init_from"))
+    engine, discriminator, ema = parts.generator, parts.discriminator, parts.ema
     data = LatentBatches(loop_config["latents"], loop_config["images"], config.global_batch, config.seed)
     logger = RankZeroLogger(loop_config, rank)
 
@@ -107,7 +172,7 @@ def train_loop(loop_config: dict) -> None:
         start_step = int(state["step"])
         logger.line(f"train: resumed at step {start_step} from {checkpoint.path}")
 
-    expected_latent = (model.config.latent_channels,)
+    expected_latent = (parts.model.config.latent_channels,)
     skipped_total, skipped_in_a_row = 0, 0
     for step in range(start_step, config.steps):
         step_started = time.perf_counter()
@@ -117,39 +182,15 @@ def train_loop(loop_config: dict) -> None:
             raise ValueError(
                 f"batch {step}: latents of shape {tuple(latents.shape)}; decoder takes C={expected_latent[0]}"
             )
-        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-        latents, truth = latents.to(engine.device, dtype), truth.to(engine.device, dtype)
-        size = tuple(truth.shape[-2:])
-        prediction = engine(latents, size)
-        losses = loss.generator_loss(
-            prediction, truth, step, generator=_crop_generator(config.seed, step, rank, 0)
-        )
-        if config.nan_loss_at_step == step and rank == 0:  # testing hook: one rank only, the hard case
-            losses["total"] = losses["total"] * float("nan")
-        # Every rank must take the same branch, or the collectives in backward/step would hang.
-        finite = torch.tensor([float(torch.isfinite(losses["total"]).item())])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
+        metrics = train_step(parts, config, latents, truth, step, rank)
+        if metrics is None:
             skipped_total, skipped_in_a_row = skipped_total + 1, skipped_in_a_row + 1
             logger.line(f"train: step {step}: non-finite loss, batch skipped ({skipped_total} so far)")
             if skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
                 raise FloatingPointError(f"{skipped_in_a_row} non-finite losses in a row at step {step}")
             continue
         skipped_in_a_row = 0
-        engine.backward(losses["total"])
-        engine.step()
-        metrics = {name: value.item() for name, value in losses.items()}
-        if loss.gan_active(step):
-            d_losses = loss.discriminator_loss(
-                prediction, truth, step, _crop_generator(config.seed, step, rank, 1)
-            )
-            discriminator.backward(d_losses["discriminator"])
-            discriminator.step()
-            metrics.update({name: value.item() for name, value in d_losses.items()})
-        with torch.no_grad():
-            for average, current in zip(ema.parameters(), model.parameters()):
-                average.lerp_(current.detach().float().to(average.dtype), 1 - config.ema_decay)
-        metrics.update(lr=scheduler.get_last_lr()[0], skipped_batches=skipped_total)
+        metrics["skipped_batches"] = skipped_total
         metrics["step_seconds"] = time.perf_counter() - step_started  # data + forward + backward + steps
         logger.step(step, metrics, every=config.log_every)
 

@@ -57,7 +57,7 @@ class RankZeroLogger:
         self.client.log_artifacts(self.run_id, str(decoder_dir), "decoder")
         with torch.no_grad(), tempfile.TemporaryDirectory() as scratch:
             for height, width in config.validation_sizes:
-                images = infgen.decode(ema, latents, (height, width))  # (B, 3, H, W) in [-1, 1]
+                images = infgen.decode(ema, latents, (height, width)).cpu()  # (B, 3, H, W) in [-1, 1]
                 grid = torch.cat(list(images), dim=2)  # side by side
                 array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
                 path = Path(scratch) / f"validation_{height}x{width}.png"
