@@ -1,17 +1,18 @@
 """Locality prior for the mask-token queries: held-out PSNR at 2× after a CPU-demo-sized training run.
 
-The demo (jobs/demo.py) trains the `tiny` preset on 8×8 latents of the embedded frozen VAE and decodes
-held-out latents at 2× (128²). With the paper's query start (one learned vector + INPE,
-`query_init="learned"`) every query must find its own neighbourhood of the latent through cross-attention, and
-a few hundred CPU steps leave the output mostly flat colour. The other `query_init` values (the default:
+The plain-torch demo (since replaced by the workflow) trained the `tiny` preset on 8×8 latents of the
+embedded frozen VAE and decoded held-out latents at 2× (128²). With the paper's query start (one learned
+vector + INPE, `query_init="learned"`) every query must find its own neighbourhood of the latent through
+cross-attention, and a few hundred CPU steps leave the output mostly flat colour. The other `query_init`
+values (the default:
 "latent_sample") add Linear(features bilinearly sampled at the query's own coordinate) to the query; this
-script measures what that buys on the demo's data recipe (`jobs.demo.crops`, its constants, 64² encoder input
+script measures what that buys on the demo's data recipe (`crops` below and its constants, 64² encoder input
 → 8×8 latent → targets up to 128²), batch 4, AdamW lr 1e-3, cosine to lr/20 over the run (optionally after a
 linear warm-up), seed 0.
 
 Each variant is one run of --steps steps; the held-out PSNR is taken at each --checkpoints step of that run
 (the cosine spans the whole run, so an early checkpoint sees a higher learning rate than a run of that
-length would: pass --separate for one run per checkpoint, each with its own cosine, as the demo does).
+length would: pass --separate for one run per checkpoint, each with its own cosine, as the demo did).
 Variants are `QUERY_INIT[:INIT]`, INIT one of `xavier`, `zero`, `small` (std 0.02) for the new Linear
 (default: the model's own initialisation).
 
@@ -46,23 +47,40 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import infgen  # noqa: E402
 from bench.report import emit  # noqa: E402
 from infgen.embedded_vae import embedded_vae  # noqa: E402
-from infgen.images import save_png  # noqa: E402
-from infgen.metrics import psnr  # noqa: E402
-from jobs.demo import (  # noqa: E402
-    BATCH_SIZE,
-    HOLDOUT_SEED,
-    INPUT_SIDE,
-    LEARNING_RATE,
-    TARGET_SIZES,
-    TRAIN_IMAGES,
-    crops,
+from infgen.images import (
+    from_uint8,  # noqa: E402
+    save_png,  # noqa: E402
 )
+from infgen.metrics import psnr  # noqa: E402
+from infgen.synthetic import make_image  # noqa: E402
+
+# The recipe of the plain-torch demo this benchmark was first measured on (it preceded `infgen run
+# jobs/demo.yaml`): 64² crops → 8×8 latents, decoded at bucketed sizes up to 2×.
+INPUT_SIDE = 64
+TARGET_SIZES = [(64, 64), (96, 96), (128, 128), (96, 128), (128, 96)]
+BATCH_SIZE = 4
+LEARNING_RATE = 1e-3
+TRAIN_IMAGES = 256
+HOLDOUT_SEED = 10_000_000  # far from the training seeds
+
+
+def crops(seed: int, count: int, side: int) -> torch.Tensor:
+    """`count` square crops of `side` px from synthetic scenes, as (count, 3, side, side) in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        scene = make_image(seed + index, 256, 256)
+        top, left = rng.integers(0, 256 - side + 1, size=2)
+        images.append(from_uint8(scene[top : top + side, left : left + side]))
+    return torch.stack(images)
+
 
 EVAL_SIZE = (128, 128)  # 2× the 64² encoder input
 HOLDOUT_IMAGES = 8  # as the demo

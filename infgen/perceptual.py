@@ -51,7 +51,8 @@ def load_lpips(trunk_weights: str | Path | None = None, net: str = "alex") -> lp
         raise ValueError(f"unknown LPIPS net {net!r}; expected one of {sorted(TRUNKS)}")
     path = _find_trunk_weights(trunk_weights, net)
     # The random trunk (when no weights are found) must be the same network in every process, or LPIPS values
-    # from different Ray workers would not be comparable: build it from a fixed seed, leaving the caller's RNG.
+    # from different Ray workers would not be comparable: build it from a fixed seed, leaving the caller's
+    # RNG as it was.
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # lpips passes torchvision's deprecated `pretrained=` argument; the warning is noise, not actionable.
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")

@@ -1,7 +1,6 @@
 """The `infgen` command.
 
     infgen decode --checkpoint CKPT --latents FILE.npy --size 2160x3840 --out out.png [--vae VAE_DIR]
-    infgen demo [--run-dir runs/demo]
     infgen ingest (--metadata META... | --embedded ROWS | --regenerate MANIFEST) --output OUT
     infgen latents --images OUT/images --output LATENTS [--preset stage1|stage2|embedded] [--vae DIR]
     infgen train --preset stage1|stage2|stage1-small|stage2-small --latents L --images I [--init-from D]
@@ -40,10 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--query-chunk", type=int, default=16384, help="mask tokens decoded at once")
     decode.add_argument("--tile-cells", type=int, default=64, help="pixel-decoder tile side, in 8-px cells")
 
-    demo = commands.add_parser("demo", help="train a tiny decoder on the embedded data and decode with it")
-    demo.add_argument("--run-dir", default="runs/demo")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
-
     from jobs.ingest_command import add_arguments as add_ingest_arguments
 
     ingest = commands.add_parser("ingest", help="metadata → verified >2 MP images in Parquet shards (Ray)")
@@ -80,10 +75,6 @@ def run_command(args: argparse.Namespace):
         from jobs.decode_command import run_decode
 
         return run_decode(args)
-    if args.command == "demo":
-        from jobs.demo import run_demo
-
-        return run_demo(run_dir=args.run_dir, steps=args.steps)
     if args.command == "run":
         from jobs.workflow import run_workflow
 

@@ -2,7 +2,8 @@
 diffusion models, at several sizes: FID/KID/sFID, FIDp/sFIDp, precision/recall, PSNR/SSIM/LPIPS (Ray).
 
     infgen evaluate --decoder RUNS/stage2/final_decoder --images OUT/images --latents LATENTS --output EVAL \\
-        [--latent-file dit=DIT_SAMPLES.npz ...] [--diffusers-pipeline dit=DIT_DIR ...] [--preset paper|embedded]
+        [--latent-file dit=DIT_SAMPLES.npz ...] [--diffusers-pipeline dit=DIT_DIR ...] \\
+        [--preset paper|embedded]
 
 Rerunning the same command after a crash scores only the missing chunks.
 """
@@ -114,8 +115,12 @@ def evaluation_tracker(args: argparse.Namespace):
                 with filesystem.open(path, "rb") as handle:
                     image = Image.open(handle).convert("RGB")
                 mlflow.log_image(image, artifact_file=f"grids/{path.rsplit('/', 1)[-1]}")
-            mlflow.set_tags({"infgen.feature_extractor": manifest["feature_extractor"],
-                             "infgen.lpips_trunk_pretrained": str(manifest["lpips_trunk_pretrained"])})  # fmt: skip
+            mlflow.set_tags(
+                {
+                    "infgen.feature_extractor": manifest["feature_extractor"],
+                    "infgen.lpips_trunk_pretrained": str(manifest["lpips_trunk_pretrained"]),
+                }
+            )
 
         with tempfile.TemporaryDirectory() as scratch:
             local = Path(scratch) / "manifest.json"

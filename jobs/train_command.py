@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, help="override the preset's number of steps")
     parser.add_argument("--workers", type=int, help="override the preset's number of workers")
+    parser.add_argument(
+        "--gan-start-step", type=int, help="override the step the GAN term starts at (a fraction of --steps)"
+    )
     parser.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else embedded)")
     add_tracking_arguments(parser)
 
@@ -48,6 +51,8 @@ def run_train_command(args: argparse.Namespace) -> dict:
         changes["steps"] = args.steps
     if args.workers is not None:
         changes["num_workers"] = args.workers
+    if args.gan_start_step is not None:
+        changes["gan_start_step"] = args.gan_start_step
     if args.experiment:
         changes["mlflow_experiment"] = args.experiment
     config = dataclasses.replace(config, **changes)  # bad values fail here, before Ray starts

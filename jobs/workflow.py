@@ -106,15 +106,21 @@ class Workflow:
 
         client = MlflowClient(self.tracking_uri)
         experiment = client.get_experiment_by_name(self.spec.experiment)
-        experiment_id = (experiment.experiment_id if experiment else
-                         client.create_experiment(self.spec.experiment, local_artifact_location(self.tracking_uri)))  # fmt: skip
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(self.spec.experiment, local_artifact_location(self.tracking_uri))
+        )
         tag = f"{self.spec.name}@{self.run_dir}"
         found = client.search_runs([experiment_id], f"tags.`infgen.workflow` = '{tag}'", max_results=1)
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-        run = client.create_run(experiment_id, run_name=self.spec.name,
-                                tags={"infgen.workflow": tag, "infgen.workflow_file": self.spec.source})  # fmt: skip
+        run = client.create_run(
+            experiment_id,
+            run_name=self.spec.name,
+            tags={"infgen.workflow": tag, "infgen.workflow_file": self.spec.source},
+        )
         client.log_param(run.info.run_id, "run_dir", self.run_dir)
         client.log_param(run.info.run_id, "stages", ",".join(self.spec.stage_names()))
         client.log_text(run.info.run_id, Path(self.spec.source).read_text(), "workflow.yaml")
@@ -166,23 +172,29 @@ class Workflow:
         if self.address:
             from jobs.ray_jobs import submit_stage
 
-            submit_stage(self.address, arguments, working_dir=str(PROJECT_ROOT),
-                         env_vars={"MLFLOW_TRACKING_URI": self.tracking_uri},
-                         submission_id=f"infgen-{self.spec.name}-{stage.name}-{int(time.time())}")  # fmt: skip
+            submit_stage(
+                self.address,
+                arguments,
+                working_dir=str(PROJECT_ROOT),
+                env_vars={"MLFLOW_TRACKING_URI": self.tracking_uri},
+                submission_id=f"infgen-{self.spec.name}-{stage.name}-{int(time.time())}",
+            )
             return
         from jobs.cli import build_parser, run_command
 
         run_command(build_parser().parse_args(arguments))
 
     def run(self, first: str | None = None, last: str | None = None) -> dict:
-        import mlflow
         from mlflow import MlflowClient
 
         selected = self.spec.select(first, last)
         for stage in selected:  # a stage after --from needs its upstream finished already
             for upstream in stage.upstream():
-                if upstream not in [s.name for s in selected] and output_hash(
-                    self._stage(upstream), stage_output(self.run_dir, self._stage(upstream))) is None:  # fmt: skip
+                if (
+                    upstream not in [s.name for s in selected]
+                    and output_hash(self._stage(upstream), stage_output(self.run_dir, self._stage(upstream)))
+                    is None
+                ):
                     raise ValueError(f"stage {stage.name} reads {upstream}, which has not finished; "
                                      f"run from {upstream} (--from {upstream})")  # fmt: skip
         if "://" not in self.run_dir:
@@ -206,8 +218,13 @@ class Workflow:
                     raise StageError(f"stage {stage.name}: input stage(s) {missing} have no finished output")
                 print(f"{heading}: infgen {' '.join(wanted['arguments'])}")
                 stage_started = time.perf_counter()
-                record = {"record_version": RECORD_VERSION, "stage": stage.name, **wanted, "status": "running",
-                          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+                record = {
+                    "record_version": RECORD_VERSION,
+                    "stage": stage.name,
+                    **wanted,
+                    "status": "running",
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
                 self.write_record(stage, record)
                 try:
                     self.execute(stage, wanted["arguments"] + self.tracking_arguments(stage, parent))
@@ -225,9 +242,18 @@ class Workflow:
                 if run_id:
                     self.log_inputs(stage, run_id, wanted["inputs"])
                 seconds = round(time.perf_counter() - stage_started, 1)
-                self.write_record(stage, {**record, "status": "complete", "output": output, "output_hash": digest,
-                                          "mlflow_run_id": run_id, "seconds": seconds,
-                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})  # fmt: skip
+                self.write_record(
+                    stage,
+                    {
+                        **record,
+                        "status": "complete",
+                        "output": output,
+                        "output_hash": digest,
+                        "mlflow_run_id": run_id,
+                        "seconds": seconds,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    },
+                )
                 client.log_metric(parent, f"seconds.{stage.name}", seconds)
                 summary["stages"][stage.name] = "ran"
                 print(f"{heading}: done in {seconds:.0f}s")

@@ -7,7 +7,7 @@
     stages:
       - name: ingest
         command: ingest                # ingest | latents | train | evaluate (the `infgen` subcommands)
-        options: {embedded: 120}       # the command's options without dashes; `{stage}` is that stage's output
+        options: {embedded: 120}       # the command's options, no dashes; `{stage}`: that stage's output
       - name: latents
         command: latents
         options: {images: "{ingest}/images", preset: embedded}
@@ -176,4 +176,4 @@ def _check(arguments: list[str], where: str) -> None:
             build_parser().parse_args(arguments)
     except SystemExit:
         message = errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else "bad options"
-        raise ValueError(f"{where}: {message.removeprefix('infgen: ')}") from None
+        raise ValueError(f"{where}: {message.partition('error: ')[2] or message}") from None

@@ -53,8 +53,17 @@ def test_bad_latent_files_are_refused_with_their_name(tmp_path, array, message):
 
 
 def test_too_few_held_out_images_is_a_clear_error(embedded_latents, tmp_path):
-    arguments = ["evaluate", "--decoder", str(tmp_path), "--images", str(embedded_latents["images"]),
-                 "--latents", str(embedded_latents["latents"]), "--output", str(tmp_path / "eval")]  # fmt: skip
+    arguments = [
+        "evaluate",
+        "--decoder",
+        str(tmp_path),
+        "--images",
+        str(embedded_latents["images"]),
+        "--latents",
+        str(embedded_latents["latents"]),
+        "--output",
+        str(tmp_path / "eval"),
+    ]
     (tmp_path / "model.safetensors").write_bytes(b"")
     refs = held_out_images(str(embedded_latents["images"]), str(embedded_latents["latents"]), 1000)
     if len(refs) >= 4:
@@ -117,7 +126,11 @@ def test_plugin_gains_table_covers_every_source_size_and_decoder(evaluation):
     table = (output / "plugin_gains.md").read_text()
     assert "| reconstruction | 96x128 | infgen |" in table and "SUBSTITUTE" in table
     assert sorted(p.name for p in (output / "grids").iterdir()) == [
-        "dit_64x64.png", "dit_96x128.png", "reconstruction_64x64.png", "reconstruction_96x128.png"]  # fmt: skip
+        "dit_64x64.png",
+        "dit_96x128.png",
+        "reconstruction_64x64.png",
+        "reconstruction_96x128.png",
+    ]
 
 
 def test_evaluation_is_logged_to_mlflow(evaluation):

@@ -74,8 +74,13 @@ def embedded_run(ray_address, tmp_path_factory):
     handler_before = signal.getsignal(signal.SIGINT)
     manifest = ingest("--embedded", str(ROWS), "--output", f"file://{root / 'first'}", *common)
     handler_after = signal.getsignal(signal.SIGINT)
-    return {"root": root, "manifest": manifest, "tracking": tracking, "common": common,
-            "sigint_handlers": (handler_before, handler_after)}
+    return {
+        "root": root,
+        "manifest": manifest,
+        "tracking": tracking,
+        "common": common,
+        "sigint_handlers": (handler_before, handler_after),
+    }
 
 
 def test_every_row_lands_in_the_bucket_its_kind_predicts(embedded_run):

@@ -68,7 +68,8 @@ PAPER = EvalConfig()
 # CPU scale, the embedded workflow's task: 64² crops → 8×8 latents, decoded at 1×, 2× and 4× (the last is
 # beyond stage 1's range); Inception sees 32² patches upsampled, so FIDp here only ranks decoders.
 EMBEDDED = EvalConfig(
-    sizes=((64, 64), (128, 128), (256, 256)), input_side=64, max_images=64, patch_size=32, patches_per_image=4,
+    sizes=((64, 64), (128, 128), (256, 256)), input_side=64, max_images=64, patch_size=32,
+    patches_per_image=4,
     kid_subset_size=50, chunk_images=8, decode_batch=8, workers=1, grid_images=3,
 )  # fmt: skip
 PRESETS = {"paper": PAPER, "embedded": EMBEDDED}

@@ -82,10 +82,14 @@ def load_latent_file(path: str, channels: int, max_items: int | None = None) -> 
     std = float(array.std())
     low, high = SCALED_STD_RANGE
     if not low <= std <= high:
-        hint = "unscaled VAE latents? multiply by the VAE's scaling factor (0.18215 for SD-VAE)" if std > high \
-            else "latents divided by the scaling factor twice, or not latents at all?"  # fmt: skip
+        hint = (
+            "unscaled VAE latents? multiply by the VAE's scaling factor (0.18215 for SD-VAE)"
+            if std > high
+            else "latents divided by the scaling factor twice, or not latents at all?"
+        )
         raise ValueError(
-            f"latent file {path}: std {std:.3f} is outside {SCALED_STD_RANGE} expected of scaled latents ({hint})"
+            f"latent file {path}: std {std:.3f} is outside {SCALED_STD_RANGE} expected of scaled latents "
+            f"({hint})"
         )
     return array[:max_items] if max_items else array
 
@@ -126,7 +130,8 @@ def diffusers_latents(pipeline_dir: str, count: int, seed: int, device: str = "c
     """Scaled latents sampled from a local diffusers pipeline (e.g. DiTPipeline), never downloading.
 
     Pipelines differ in whether `output_type="latent"` skips the decode (DiTPipeline always decodes), so the
-    VAE's decode input is captured instead: it is the unscaled latent, converted back to the scaled convention.
+    VAE's decode input is captured instead: it is the unscaled latent, converted back to the scaled
+    convention.
     """
     import torch
     from diffusers import DiffusionPipeline

@@ -1,5 +1,6 @@
 """The evaluation stage: decode every latent source at every size with InfGen and with the stock VAE decoder
-+ resize, score both against held-out ground truth on a Ray Data actor pool, and write the plug-in gains table.
++ resize, score both against held-out ground truth on a Ray Data actor pool, and write the plug-in gains
+table.
 
 Work is cut into chunks (source × size × a few images); each chunk's features and per-image metrics land in
 one part file, so a rerun scores only the chunks that are missing. The table is recomputed from the part files
@@ -47,9 +48,15 @@ def plan_items(out: str, config: EvalConfig, refs: list[dict], latent_sources: d
         for source, fields, total in units:
             for start in range(0, total, config.chunk_images):
                 count = min(config.chunk_images, total - start)
-                item = {"source": source, "size": list(size), "start": start, "count": count, **fields,
-                        "part": f"{out}/parts/{source}/{size_name(size)}/{start // config.chunk_images:05d}.npz",
-                        "grid": f"{out}/grids/{source}_{size_name(size)}.png"}  # fmt: skip
+                item = {
+                    "source": source,
+                    "size": list(size),
+                    "start": start,
+                    "count": count,
+                    **fields,
+                    "part": f"{out}/parts/{source}/{size_name(size)}/{start // config.chunk_images:05d}.npz",
+                    "grid": f"{out}/grids/{source}_{size_name(size)}.png",
+                }
                 if source == RECONSTRUCTION:
                     item["refs"] = refs[start : start + count]
                     item["keys"] = [ref["key"] for ref in item["refs"]]
@@ -92,8 +99,14 @@ def run_evaluation(
     out = output.rstrip("/")
     started = time.perf_counter()
     with RunLock(f"{out}/_LOCK"):
-        inputs = {"decoder": decoder, "decoder_sha256": file_sha256(str(weights)), "images": images,
-                  "held_out": [ref["key"] for ref in refs], "latent_files": {}, "pipelines": pipelines}  # fmt: skip
+        inputs = {
+            "decoder": decoder,
+            "decoder_sha256": file_sha256(str(weights)),
+            "images": images,
+            "held_out": [ref["key"] for ref in refs],
+            "latent_files": {},
+            "pipelines": pipelines,
+        }
         for name, path in latent_files.items():
             inputs["latent_files"][name] = {"path": path, "sha256": file_sha256(path)}
         wanted = json.loads(json.dumps({"config": config.to_dict(), "inputs": inputs}))  # tuples → lists

@@ -14,8 +14,18 @@ from pipelines.evaluation.config import EvalConfig
 from pipelines.evaluation.decoders import BASELINE, DECODERS, INFGEN
 
 # (name, lower is better)
-METRICS = (("fid", True), ("kid", True), ("sfid", True), ("fidp", True), ("sfidp", True),
-           ("precision", False), ("recall", False), ("psnr", False), ("ssim", False), ("lpips", True))  # fmt: skip
+METRICS = (
+    ("fid", True),
+    ("kid", True),
+    ("sfid", True),
+    ("fidp", True),
+    ("sfidp", True),
+    ("precision", False),
+    ("recall", False),
+    ("psnr", False),
+    ("ssim", False),
+    ("lpips", True),
+)
 
 
 def concatenate(parts: list[dict]) -> dict[str, dict[str, np.ndarray]]:
@@ -36,7 +46,8 @@ def decoder_metrics(ours: dict, reference: dict, config: EvalConfig) -> dict[str
         "images": float(count),
         "fid": frechet_distance(ours["pool"], reference["pool"]),
         "kid": kernel_inception_distance(ours["pool"], reference["pool"], num_subsets=config.kid_subsets,
-                                         max_subset_size=min(config.kid_subset_size, count), seed=config.seed),
+                                         max_subset_size=min(config.kid_subset_size, count),
+                                         seed=config.seed),
         "sfid": frechet_distance(ours["spatial"], reference["spatial"]),
         "fidp": frechet_distance(ours["patch_pool"], reference["patch_pool"]),
         "sfidp": frechet_distance(ours["patch_spatial"], reference["patch_spatial"]),

@@ -56,6 +56,8 @@ class TrainConfig:
             )
         if self.steps < 1 or self.checkpoint_every < 1:
             raise ValueError("steps and checkpoint_every must be ≥ 1")
+        if self.gan_start_step < 0:
+            raise ValueError(f"gan_start_step must be ≥ 0, got {self.gan_start_step}")
 
     @property
     def micro_batch(self) -> int:
