@@ -160,6 +160,34 @@ class Workflow:
     def _stage(self, name: str) -> StageSpec:
         return next(s for s in self.spec.stages if s.name == name)
 
+    def supersede_if_changed(self, stage: StageSpec, wanted: dict, parent: str, heading: str) -> None:
+        """A stage that ran before with another config or other inputs cannot resume into its old output (the
+        stages refuse to mix runs): move that output to RUN_DIR/superseded/, nothing deleted, and rename its
+        MLflow run so the rerun starts a fresh one. A stage that failed with the same config resumes."""
+        import fsspec
+
+        previous = self.read_record(stage)
+        if not previous or (previous.get("config_hash"), previous.get("inputs")) == (
+            wanted["config_hash"], wanted["inputs"],
+        ):  # fmt: skip
+            return
+        output = stage_output(self.run_dir, stage)
+        filesystem, local = fsspec.core.url_to_fs(output)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        if filesystem.exists(local):
+            target = f"{self.run_dir}/superseded/{stage.name}-{stamp}"
+            filesystem.makedirs(fsspec.core.url_to_fs(f"{self.run_dir}/superseded")[1], exist_ok=True)
+            filesystem.mv(local, fsspec.core.url_to_fs(target)[1], recursive=True)
+            print(f"{heading}: config or inputs changed since it last ran; previous output moved to {target}")
+        run_id = previous.get("mlflow_run_id") or self.stage_run(stage, parent)
+        if run_id:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(self.tracking_uri)
+            client.set_tag(run_id, "mlflow.runName", f"{stage.name} (superseded {stamp})")
+            client.set_tag(run_id, "infgen.run_name", f"{stage.name}@superseded-{stamp}")
+            client.set_tag(run_id, "infgen.superseded", "true")
+
     # --- running -------------------------------------------------------------------------------------
     def tracking_arguments(self, stage: StageSpec, parent: str) -> list[str]:
         arguments = ["--tracking-uri", self.tracking_uri, "--parent-run-id", parent,
@@ -216,6 +244,7 @@ class Workflow:
                 missing = [name for name, digest in wanted["inputs"].items() if digest is None]
                 if missing:
                     raise StageError(f"stage {stage.name}: input stage(s) {missing} have no finished output")
+                self.supersede_if_changed(stage, wanted, parent, heading)
                 print(f"{heading}: infgen {' '.join(wanted['arguments'])}")
                 stage_started = time.perf_counter()
                 record = {

@@ -325,3 +325,31 @@ def test_dashboard_address_prefers_the_argument_then_the_api_server_variable(mon
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://from-api-server:8265")
     assert ray_jobs.dashboard_address(None) == "http://from-api-server:8265"
     assert ray_jobs.dashboard_address(" http://given:8265 ") == "http://given:8265"
+
+
+def test_a_workflow_stage_runs_as_a_ray_job_and_is_skipped_on_rerun(dashboard, tmp_path, capsys):
+    """`infgen run WORKFLOW --address`: the stage is a Ray job on the cluster, recorded like a local one."""
+    import json
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from jobs.workflow import run_workflow
+
+    workflow = tmp_path / "one-stage.yaml"
+    stage = {"name": "ingest", "command": "ingest", "options": {"embedded": 12, "samples-per-shard": 6}}
+    workflow.write_text(yaml.safe_dump({"name": "jobs-test", "run_dir": str(tmp_path / "run"),
+                                        "experiment": "jobs-test", "stages": [stage]}))  # fmt: skip
+    summary = run_workflow(str(workflow), address=dashboard)
+    assert summary["stages"] == {"ingest": "ran"}
+    streamed = capsys.readouterr().out
+    assert "ray: connected to" in streamed and "ingest: download:" in streamed  # the job's log, streamed here
+    record = json.loads((tmp_path / "run" / "workflow" / "ingest.json").read_text())
+    manifest = json.loads((tmp_path / "run" / "ingest" / "manifest.json").read_text())
+    assert record["status"] == "complete" and manifest["counts"]["input_rows"] == 12
+    # the job logged to the tracking URI the workflow gave it
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (child,) = client.search_runs([client.get_experiment_by_name("jobs-test").experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")  # fmt: skip
+    assert child.info.run_name == "ingest" and record["mlflow_run_id"] == child.info.run_id
+    assert run_workflow(str(workflow), address=dashboard)["stages"] == {"ingest": "skipped"}

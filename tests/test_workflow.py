@@ -119,7 +119,7 @@ def demo_run(ray_address, tmp_path_factory):
     """Run 1 fails at the evaluation (a latent file with 3 channels); the file is mended and run 2 goes on."""
     root = tmp_path_factory.mktemp("workflow")
     latent_file = root / "dit.npy"
-    np.save(latent_file, np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32))
+    np.save(latent_file, np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32))
     path = write_workflow(root / "demo.yaml", reduced_demo(root / "run", latent_file))
     with pytest.raises(ValueError, match="3 channels") as failure:
         run_workflow(str(path))
@@ -129,11 +129,13 @@ def demo_run(ray_address, tmp_path_factory):
     client = mlflow_client(root / "run")
     experiment = client.get_experiment_by_name("infgen-demo").experiment_id
     parent_after_failure = client.search_runs([experiment], "tags.`infgen.workflow` != ''")[0]
-    np.save(latent_file, np.random.default_rng(0).standard_normal((3, 4, 8, 8)).astype(np.float32))
+    evaluate_output_after_failure = (root / "run" / "evaluate").exists()
+    np.save(latent_file, np.random.default_rng(0).standard_normal((5, 4, 8, 8)).astype(np.float32))
     resumed = run_workflow(str(path))
     return {"root": root, "path": path, "run_dir": root / "run", "failure": str(failure.value),
             "records_after_failure": records_after_failure, "resumed": resumed,
-            "parent_status_after_failure": parent_after_failure.info.status}  # fmt: skip
+            "parent_status_after_failure": parent_after_failure.info.status,
+            "evaluate_output_after_failure": evaluate_output_after_failure}  # fmt: skip
 
 
 def test_a_failed_stage_is_recorded_and_the_rerun_runs_only_it(demo_run):
@@ -141,6 +143,7 @@ def test_a_failed_stage_is_recorded_and_the_rerun_runs_only_it(demo_run):
     assert [records[name]["status"] for name in STAGES] == ["complete"] * 4 + ["failed"]
     assert "dit.npy" in records["evaluate"]["error"] and "3 channels" in records["evaluate"]["error"]
     assert demo_run["parent_status_after_failure"] == "FAILED"
+    assert not demo_run["evaluate_output_after_failure"]  # refused before anything was written
     assert demo_run["resumed"]["stages"] == {**{name: "skipped" for name in STAGES[:4]}, "evaluate": "ran"}
 
 
@@ -179,16 +182,30 @@ def test_mlflow_holds_one_parent_run_with_a_nested_run_per_stage(demo_run):
     assert {"seconds.ingest", "seconds.evaluate"} <= set(parent.data.metrics)
 
 
-def test_a_finished_workflow_reruns_as_all_skipped_and_a_changed_option_reruns_that_stage(demo_run, tmp_path):
+def test_a_finished_workflow_reruns_as_all_skipped_and_a_changed_option_reruns_that_stage(demo_run):
     rerun = run_workflow(str(demo_run["path"]))
     assert rerun["stages"] == {name: "skipped" for name in STAGES}
+    run_dir = demo_run["run_dir"]
+    first_table = json.loads((run_dir / "evaluate" / "manifest.json").read_text())
+
     data = yaml.safe_load(demo_run["path"].read_text())
-    data["stages"][3]["options"]["steps"] = 3  # stage2 changes; its inputs did not
-    spec = load_workflow(write_workflow(tmp_path / "changed.yaml", data))
-    workflow = Workflow(spec)
-    up_to_date = [workflow.up_to_date(stage, workflow.wanted(stage)) for stage in spec.stages]
-    assert up_to_date == [True, True, True, False, True]  # evaluate follows once stage2's output differs
+    data["stages"][4]["options"]["patches-per-image"] = 2  # the evaluation's config changes
+    changed = write_workflow(demo_run["root"] / "changed.yaml", data)
+    rerun = run_workflow(str(changed))
+    assert rerun["stages"] == {**{name: "skipped" for name in STAGES[:4]}, "evaluate": "ran"}
+    new_table = json.loads((run_dir / "evaluate" / "manifest.json").read_text())
+    assert new_table["config"]["patches_per_image"] == 2
+    (moved,) = (run_dir / "superseded").iterdir()  # the old evaluation, kept whole
+    assert moved.name.startswith("evaluate-")
+    assert json.loads((moved / "manifest.json").read_text()) == first_table
+    client = mlflow_client(run_dir)
+    experiment = client.get_experiment_by_name("infgen-demo").experiment_id
+    evaluations = client.search_runs([experiment], "tags.`mlflow.runName` LIKE 'evaluate%'")
+    assert sorted(run.data.tags.get("infgen.superseded", "no") for run in evaluations) == ["no", "true"]
+
     # An output changed behind the workflow's back no longer matches its record: it and the next rerun.
-    (demo_run["run_dir"] / "stage1" / "final_decoder" / "model.safetensors").write_bytes(b"changed")
+    spec = load_workflow(changed)
+    workflow = Workflow(spec)
+    (run_dir / "stage1" / "final_decoder" / "model.safetensors").write_bytes(b"changed")
     up_to_date = [workflow.up_to_date(stage, workflow.wanted(stage)) for stage in spec.stages]
     assert up_to_date == [True, True, False, False, True]

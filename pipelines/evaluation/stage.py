@@ -94,6 +94,15 @@ def run_evaluation(
             f"only {len(refs)} held-out image(s) in {images}; the metrics need at least {needed} "
             "(hold more out in the latent stage, or evaluate a separate ingest without --latents)"
         )
+    sources = {}
+    for name, path in latent_files.items():
+        # Validated on the driver before anything is written, so a bad file fails with its name (not inside
+        # an actor) and, once mended, the same command runs into the same output folder.
+        sources[name] = (path, min(len(load_latent_file(path, config.latent_channels)), config.max_images))
+        if sources[name][1] < needed:
+            raise ValueError(
+                f"latent file {path} ({name}): {sources[name][1]} latents, need at least {needed}"
+            )
     filesystem, root = fsspec.core.url_to_fs(output)
     filesystem.makedirs(root, exist_ok=True)
     out = output.rstrip("/")
@@ -118,17 +127,6 @@ def run_evaluation(
                 )
         else:
             write_json(f"{out}/evaluation.json", wanted)
-        sources = {}
-        for name, path in latent_files.items():
-            # Validated on the driver first, so a bad file fails here with its name, not inside an actor.
-            sources[name] = (
-                path,
-                min(len(load_latent_file(path, config.latent_channels)), config.max_images),
-            )
-            if sources[name][1] < needed:
-                raise ValueError(
-                    f"latent file {path} ({name}): {sources[name][1]} latents, need at least {needed}"
-                )
         for name, directory in pipelines.items():
             sampled = f"{out}/sources/{name}.npy"
             if not filesystem.exists(f"{root}/sources/{name}.npy"):
