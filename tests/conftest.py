@@ -44,7 +44,10 @@ def ray_address():
 
     for name, value in {**OFFLINE_ENVIRONMENT, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}.items():
         os.environ.setdefault(name, value)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": OFFLINE_ENVIRONMENT})
+    # With the dashboard, as jobs.ray_session starts an embedded cluster: Ray Train's placement-group cleaner
+    # needs the State API it serves.
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": OFFLINE_ENVIRONMENT})  # fmt: skip
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -129,9 +129,10 @@ def _pick(mapping: dict, path: str):
 def diffusers_latents(pipeline_dir: str, count: int, seed: int, device: str = "cpu", **call_arguments):
     """Scaled latents sampled from a local diffusers pipeline (e.g. DiTPipeline), never downloading.
 
-    Pipelines differ in whether `output_type="latent"` skips the decode (DiTPipeline always decodes), so the
-    VAE's decode input is captured instead: it is the unscaled latent, converted back to the scaled
-    convention.
+    Called with `output_type="latent"`. Pipelines that honour it (Stable Diffusion and its kin) return their
+    latents before the decode, already in the scaled convention. DiTPipeline ignores it and decodes anyway:
+    then the VAE's decode input is captured, which DiT computed as `latents / scaling_factor`, and that is
+    undone exactly.
     """
     import torch
     from diffusers import DiffusionPipeline
@@ -139,14 +140,15 @@ def diffusers_latents(pipeline_dir: str, count: int, seed: int, device: str = "c
     if not Path(pipeline_dir).is_dir():
         raise ValueError(f"diffusers pipeline {pipeline_dir}: not a local directory (nothing is downloaded)")
     pipeline = DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True).to(device)
-    vae = pipeline.vae
+    vae = getattr(pipeline, "vae", None)
+    if vae is None:
+        raise ValueError(f"diffusers pipeline {pipeline_dir}: has no `vae` component, so no latents to take")
     scaling = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     captured: list[torch.Tensor] = []
     original_decode = vae.decode
 
     def capturing_decode(latents, *args, **kwargs):
-        captured.append(((latents.float() - shift) * scaling).cpu())
+        captured.append((latents.float() * scaling).cpu())
         return original_decode(latents, *args, **kwargs)
 
     vae.decode = capturing_decode
@@ -155,7 +157,17 @@ def diffusers_latents(pipeline_dir: str, count: int, seed: int, device: str = "c
         if "class_labels" not in call_arguments and "prompt" not in call_arguments:
             labels = torch.randint(0, 1000, (count,), generator=generator).tolist()
             call_arguments["class_labels"] = labels
-        pipeline(generator=generator, output_type="pt", **call_arguments)
+        output = pipeline(generator=generator, output_type="latent", **call_arguments)
     finally:
         vae.decode = original_decode
-    return torch.cat(captured)[:count].numpy()
+    if captured:
+        latents = torch.cat(captured)
+    else:
+        latents = torch.as_tensor(output.images if hasattr(output, "images") else output[0]).float().cpu()
+    channels = int(vae.config.latent_channels)
+    if latents.ndim != 4 or latents.shape[1] != channels:
+        raise ValueError(
+            f"diffusers pipeline {pipeline_dir}: expected latents shaped (N, {channels}, h, w), "
+            f"got {tuple(latents.shape)}"
+        )
+    return latents[:count].numpy()

@@ -40,7 +40,8 @@ class TrainConfig:
     num_workers: int = 8
     use_gpu: bool = True
     checkpoint_every: int = 5_000
-    log_every: int = 50
+    log_every: int = 50  # MLflow metrics every this many steps
+    print_every: int = 50  # a progress line every this many steps (and at the last)
     validation_sizes: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024), (768, 1344))
     seed: int = 0
     fail_at_step: int | None = None  # testing: raise once at this step (exercises restart-from-checkpoint)
@@ -54,8 +55,9 @@ class TrainConfig:
             raise ValueError(
                 f"global_batch {self.global_batch} is not divisible by num_workers {self.num_workers}"
             )
-        if self.steps < 1 or self.checkpoint_every < 1:
-            raise ValueError("steps and checkpoint_every must be ≥ 1")
+        for name in ("steps", "checkpoint_every", "log_every", "print_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.gan_start_step < 0:
             raise ValueError(f"gan_start_step must be ≥ 0, got {self.gan_start_step}")
 
@@ -117,6 +119,7 @@ STAGE1_SMALL = dataclasses.replace(
     steps=12, global_batch=4, num_workers=2, use_gpu=False, precision="fp32", zero_stage=0,
     activation_checkpointing=False,
     gan_start_step=6, loss_crop=32, discriminator_channels=16, checkpoint_every=4, log_every=1,
+    print_every=10,
     ema_decay=0.9, optimizer=OptimizerConfig(peak_lr=1e-3, final_lr=5e-5, warmup_steps=2),
     validation_sizes=((64, 64), (128, 128), (96, 160)),
 )  # fmt: skip

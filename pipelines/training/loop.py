@@ -192,7 +192,7 @@ def train_loop(loop_config: dict) -> None:
         skipped_in_a_row = 0
         metrics["skipped_batches"] = skipped_total
         metrics["step_seconds"] = time.perf_counter() - step_started  # data + forward + backward + steps
-        logger.step(step, metrics, every=config.log_every)
+        logger.step(step, metrics, config)
 
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +27,23 @@ class RankZeroLogger:
         if self.active:
             print(text, flush=True)
 
-    def step(self, step: int, metrics: dict, every: int) -> None:
+    def step(self, step: int, metrics: dict, config) -> None:
         if not self.active:
             return
         self.output.mkdir(parents=True, exist_ok=True)
         with open(self.output / "losses.jsonl", "a") as handle:  # a resumed step is appended again
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        if step % every == 0:
+        if step % config.print_every == 0 or step == config.steps - 1:
             shown = "  ".join(
                 f"{k} {v:.4g}" for k, v in metrics.items() if k in ("total", "l1", "perceptual", "gan")
             )
-            print(f"train: step {step}  {shown}  lr {metrics['lr']:.3g}", flush=True)
-            if self.client:
-                from mlflow.entities import Metric
+            print(f"train: step {step}/{config.steps}  {shown}  lr {metrics['lr']:.3g}", flush=True)
+        if self.client and step % config.log_every == 0:
+            from mlflow.entities import Metric
 
-                timestamp = int(1000 * __import__("time").time())
-                batch = [Metric(name, float(value), timestamp, step) for name, value in metrics.items()]
-                self.client.log_batch(self.run_id, metrics=batch)
+            timestamp = int(1000 * time.time())
+            batch = [Metric(name, float(value), timestamp, step) for name, value in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def finish(self, ema, data, config) -> None:
         """Save the EMA decoder where the driver finds it, and log it with a validation grid to MLflow."""
