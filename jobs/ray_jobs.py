@@ -27,6 +27,7 @@ import contextlib
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 import uuid
@@ -231,12 +232,30 @@ async def _stream_logs(client, submission_id: str, output: TextIO, written: list
         written[0] += len(chunk)
 
 
-async def _stream_until_done(client, submission_id: str, output: TextIO, poll_interval: float, written):
-    """Copy the log as the dashboard pushes it (websocket) until the job's status is terminal.
+async def _stream_until_done(
+    client, submission_id: str, output: TextIO, poll_interval: float, written
+) -> bool:
+    """Copy the log as the dashboard pushes it (websocket) until the job's status is terminal; True when
+    Ctrl-C (SIGINT) interrupted the wait.
 
     Ray's own tail closes the websocket 2-3 s after the job ends (it sleeps 1 s at each end of file and
-    checks the status in between); polling the status stops waiting within `poll_interval` instead.
+    checks the status in between); polling the status stops waiting within `poll_interval` instead. Ctrl-C
+    is taken by the loop itself (not left to asyncio.run's handling, which depends on the SIGINT handler
+    other libraries left installed): it cancels the wait, and the caller stops the job.
     """
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.current_task()
+    interrupted: list[bool] = []
+
+    def interrupt() -> None:
+        interrupted.append(True)
+        waiting.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        handling_sigint = True
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread: KeyboardInterrupt as usual
+        handling_sigint = False
     stream = asyncio.ensure_future(_stream_logs(client, submission_id, output, written))
     try:
         while True:
@@ -244,11 +263,17 @@ async def _stream_until_done(client, submission_id: str, output: TextIO, poll_in
             if stream.done() and stream.exception() is not None:
                 error = stream.exception()  # e.g. a proxy that does not pass websockets
                 _write(output, f"ray job: log stream broke off ({type(error).__name__}: {error}); polling\n")
-                return
+                return False
             info = await asyncio.to_thread(client.get_job_info, submission_id)
             if info.status.is_terminal() or stream.done():
-                return
+                return bool(interrupted)
+    except asyncio.CancelledError:
+        if interrupted:
+            return True
+        raise
     finally:
+        if handling_sigint:
+            loop.remove_signal_handler(signal.SIGINT)
         stream.cancel()
         await asyncio.gather(stream, return_exceptions=True)
 
@@ -259,7 +284,8 @@ def _follow(client, submission_id: str, output: TextIO, poll_interval: float):
     try:
         asyncio.get_running_loop()  # called from async code (a notebook...): asyncio.run cannot nest; poll
     except RuntimeError:
-        asyncio.run(_stream_until_done(client, submission_id, output, poll_interval, written))
+        if asyncio.run(_stream_until_done(client, submission_id, output, poll_interval, written)):
+            raise KeyboardInterrupt from None
     while True:  # once, unless the stream broke off: the rest of the log, polled
         info = client.get_job_info(submission_id)
         # Read the log after the status: once the status is terminal the log is complete.

@@ -3,7 +3,11 @@ and a run that fails mid-way and resumes to the same losses, step for step, as t
 
 import dataclasses
 import json
+import signal
+from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -27,8 +31,15 @@ def stage1(embedded_latents, tmp_path_factory):
     storage = tmp_path_factory.mktemp("train")
     tracking = f"sqlite:///{storage / 'mlflow.db'}"
     latents, images = str(embedded_latents["latents"]), str(embedded_latents["images"])
+    handler_before = signal.getsignal(signal.SIGINT)
     result = run_training(STAGE1_SMALL, latents, images, str(storage), "stage1", tracking)
-    return {"storage": storage, "tracking": tracking, "latents": latents, "images": images, "result": result}
+    return {"storage": storage, "tracking": tracking, "latents": latents, "images": images, "result": result,
+            "sigint_handlers": (handler_before, signal.getsignal(signal.SIGINT))}  # fmt: skip
+
+
+def test_ctrl_c_is_the_callers_again_after_training(stage1):
+    before, after = stage1["sigint_handlers"]  # Ray Train's fit installs its own and leaves it
+    assert after is before
 
 
 def test_config_generates_the_deepspeed_json():
@@ -68,6 +79,15 @@ def test_two_small_stages_train_and_log_to_mlflow(stage1):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"decoder", "validation", "deepspeed_generator.json"} <= artifacts
     assert len(client.list_artifacts(run.info.run_id, "validation")) == len(STAGE1_SMALL.validation_sizes)
+    # The grid decodes held-out images (never trained on), encoded once before training and kept for resume.
+    saved = np.load(stage1["storage"] / "stage1" / "validation_latents.npz")
+    keys = saved["keys"].tolist()
+    assert saved["latents"].shape == (len(keys), 4, 8, 8) and 0 < len(keys) <= 4
+    trained = set()
+    for shard in Path(stage1["latents"]).glob("*.parquet"):
+        trained |= set(pq.read_table(shard, columns=["key"]).column("key").to_pylist())
+    assert not trained & set(keys)
+    assert run.data.tags["infgen.validation_keys"] == ",".join(keys)
 
     # stage 2 starts from stage 1's final decoder
     storage, tracking = str(stage1["storage"]), stage1["tracking"]

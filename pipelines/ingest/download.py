@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import signal
 
 from pipelines.ingest.config import DownloadConfig
 from pipelines.ingest.filters import ColumnMap
+from pipelines.signals import sigint_handler_kept
 
 SHARD_DIGITS = 5  # shard files are NNNNN.parquet
 
@@ -115,18 +115,17 @@ def run_download(
 ) -> None:
     import img2dataset  # heavy (opencv, albumentations); only the download needs it
 
-    # img2dataset.download installs a SIGINT handler that cleans up and calls sys.exit(0), and leaves it
-    # installed: Ctrl-C would end this process with status 0, during the download and at any time after.
-    # Its exit is turned back into the KeyboardInterrupt it was, and the caller's handler is put back.
-    previous_handler = signal.getsignal(signal.SIGINT)
+    # img2dataset.download installs a SIGINT handler that cleans up and calls sys.exit(0): its exit is turned
+    # back into the KeyboardInterrupt it was, and the caller's handler is put back (pipelines/signals.py).
     try:
-        with _distributor_for_ray(
-            guarded_ray_distributor(tuple(allow_hosts), shard_retries, after_shard, image_check)
+        with (
+            sigint_handler_kept(),
+            _distributor_for_ray(
+                guarded_ray_distributor(tuple(allow_hosts), shard_retries, after_shard, image_check)
+            ),
         ):
             img2dataset.download(**arguments)
     except SystemExit as exit_request:
         if exit_request.code in (0, None):
             raise KeyboardInterrupt("download interrupted") from exit_request
         raise
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)

@@ -17,6 +17,7 @@ class RankZeroLogger:
         self.active = rank == 0
         self.run_id = loop_config.get("mlflow_run_id")
         self.output = Path(loop_config["storage"]) / loop_config["name"]
+        self.validation = loop_config.get("validation_latents")  # held-out latents (.npz), or None
         self.client = None
         if self.active and self.run_id:
             from mlflow import MlflowClient
@@ -51,11 +52,18 @@ class RankZeroLogger:
 
         decoder_dir = self.output / "final_decoder"
         infgen.save(ema, decoder_dir, {"stage": config.stage, "steps": config.steps})
-        latents, _ = data.batch(0, 0, 1)
-        latents = latents[: min(2, len(latents))]
         if not self.client:
             return
         self.client.log_artifacts(self.run_id, str(decoder_dir), "decoder")
+        if self.validation:  # images the latent stage held out: never trained on
+            with np.load(self.validation) as saved:
+                latents = torch.from_numpy(saved["latents"])
+                self.client.set_tag(self.run_id, "infgen.validation_keys", ",".join(saved["keys"].tolist()))
+        else:  # nothing held out: the first training batch, and the run says so
+            latents, _ = data.batch(0, 0, 1)
+            latents = latents[: min(2, len(latents))]
+            self.client.set_tag(self.run_id, "infgen.validation_keys", "none held out: training latents")
+        latents = latents.to(next(ema.parameters()).device)
         with torch.no_grad(), tempfile.TemporaryDirectory() as scratch:
             for height, width in config.validation_sizes:
                 images = infgen.decode(ema, latents, (height, width)).cpu()  # (B, 3, H, W) in [-1, 1]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipelines.signals import sigint_handler_kept
 from pipelines.tracking import absolute, flatten, local_artifact_location
 from pipelines.training.config import TrainConfig
 from pipelines.training.loop import train_loop
+from pipelines.training.validation import write_validation_latents
 
 
 def mlflow_run(tracking_uri: str, config: TrainConfig, name: str, parent_run_id: str | None) -> str:
@@ -60,6 +62,7 @@ def run_training(
     storage, latents, images = absolute(storage), absolute(latents), absolute(images)
     init_from = absolute(init_from) if init_from else None
     run_id = mlflow_run(tracking_uri, config, name, parent_run_id)
+    validation = write_validation_latents(images, latents, f"{storage}/{name}/validation_latents.npz")
     loop_config = {
         "train": config.to_dict(),
         "latents": latents,
@@ -69,6 +72,7 @@ def run_training(
         "init_from": init_from,
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
+        "validation_latents": validation,
         "threads_per_worker": 1
         if not config.use_gpu
         else max(1, (os.cpu_count() or 2) // config.num_workers),
@@ -87,7 +91,8 @@ def run_training(
             worker_runtime_env=None if config.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
         ),
     )
-    result = trainer.fit()
+    with sigint_handler_kept():  # Ray Train's fit leaves its own SIGINT handler installed
+        result = trainer.fit()
     if result.error:
         raise result.error
     decoder = str(Path(storage) / name / "final_decoder")
