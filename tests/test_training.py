@@ -63,6 +63,27 @@ def test_batches_are_bucketed_and_a_pure_function_of_the_step(embedded_latents):
         assert torch.equal(latents, other_latents) and torch.equal(truth, other_truth)
 
 
+def test_an_epoch_uses_each_sample_once_and_reads_each_shard_about_once(embedded_latents):
+    data = LatentBatches(str(embedded_latents["latents"]), str(embedded_latents["images"]), 4, seed=0,
+                         cache_shards=2)  # fmt: skip
+    samples = sum(len(refs) for refs in data.by_shard.values())
+    for number in range(3):
+        batches = data.epoch(number)
+        used = [ref for batch in batches for ref in batch]
+        assert len(batches) == data.per_epoch and len(used) == len(set(used)) > samples - 4 * 20
+        assert all(len({ref.target for ref in batch}) == 1 for batch in batches)
+    loads, cache = 0, []  # the shard cache, least recently used first
+    for index in range(data.per_epoch):
+        for ref in data.global_batch_refs(index):
+            if ref.shard not in cache:
+                loads += 1
+                cache = cache[-(data.cache_shards - 1) :]
+            else:
+                cache.remove(ref.shard)
+            cache.append(ref.shard)
+    assert loads <= 2 * len(data.by_shard)  # a random order over all samples would load a shard per sample
+
+
 def test_two_small_stages_train_and_log_to_mlflow(stage1):
     from mlflow import MlflowClient
 

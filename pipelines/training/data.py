@@ -31,46 +31,69 @@ class SampleRef:
 
 class LatentBatches:
     def __init__(
-        self, latents_dir: str, images_dir: str, global_batch: int, seed: int, cache_shards: int = 8
+        self, latents_dir: str, images_dir: str, global_batch: int, seed: int, cache_shards: int = 4
     ):
         filesystem, root = fsspec.core.url_to_fs(latents_dir)
         self.filesystem, self.latents_root = filesystem, root
         self.images_root = fsspec.core.url_to_fs(images_dir)[1]
         self.global_batch, self.seed = global_batch, seed
         self.cache: OrderedDict[str, tuple] = OrderedDict()
-        self.cache_shards = cache_shards
-        by_target: dict[tuple[int, int], list[SampleRef]] = defaultdict(list)
+        self.cache_shards = max(2, cache_shards)
+        self.by_shard: dict[str, list[SampleRef]] = {}
+        counts: dict[tuple[int, int], int] = defaultdict(int)
         for path in sorted(filesystem.glob(f"{root}/*.parquet")):
             name = path.rsplit("/", 1)[-1]
             with filesystem.open(path, "rb") as handle:
                 table = pq.read_table(handle, columns=PLAN_COLUMNS)
-            for row, (height, width) in enumerate(
-                zip(*(table.column(c).to_pylist() for c in PLAN_COLUMNS[1:]))
-            ):
-                by_target[(height, width)].append(SampleRef(name, row, (height, width)))
-        self.by_target = dict(sorted(by_target.items()))
-        if not any(len(refs) >= global_batch for refs in self.by_target.values()):
+            targets = zip(*(table.column(c).to_pylist() for c in PLAN_COLUMNS[1:]))
+            self.by_shard[name] = [SampleRef(name, row, (h, w)) for row, (h, w) in enumerate(targets)]
+            for ref in self.by_shard[name]:
+                counts[ref.target] += 1
+        if not any(count >= global_batch for count in counts.values()):
             raise ValueError(
                 f"no target size in {latents_dir} has {global_batch} samples (the global batch): "
-                f"sizes {[(size, len(refs)) for size, refs in self.by_target.items()]}"
+                f"sizes {sorted(counts.items())}"
             )
+        # Each bucket gives floor(samples / global_batch) batches an epoch, whatever the shard order.
+        self.per_epoch = sum(count // global_batch for count in counts.values())
         self._epoch_cache: dict[int, list[list[SampleRef]]] = {}
 
     def epoch(self, number: int) -> list[list[SampleRef]]:
-        """All global batches of one epoch, in order (incomplete ones dropped)."""
+        """All global batches of one epoch, in order.
+
+        Shards are visited in a seeded order, a window of `cache_shards // 2` at a time; each window's samples
+        are bucketed by target size, cut into global batches and shuffled, and a bucket's leftover samples
+        (fewer than a batch) carry over into the next window. So a worker reads each image shard about once an
+        epoch (a window and the one before it fit the shard cache) instead of one shard per sample, and every
+        bucket still yields floor(samples / global_batch) batches an epoch, the same number in every epoch.
+        """
         if number not in self._epoch_cache:
             rng = np.random.default_rng([self.seed, number])
-            batches = []
-            for refs in self.by_target.values():
-                order = rng.permutation(len(refs))
-                for start in range(0, len(refs) - self.global_batch + 1, self.global_batch):
-                    batches.append([refs[i] for i in order[start : start + self.global_batch]])
-            self._epoch_cache = {number: [batches[i] for i in rng.permutation(len(batches))]}
+            names = sorted(self.by_shard)
+            order = [names[i] for i in rng.permutation(len(names))]
+            window = self.cache_shards // 2
+            leftovers: dict[tuple[int, int], list[SampleRef]] = defaultdict(list)
+            batches: list[list[SampleRef]] = []
+            for start in range(0, len(order), window):
+                arrived = defaultdict(list)
+                for name in order[start : start + window]:
+                    for ref in self.by_shard[name]:
+                        arrived[ref.target].append(ref)
+                cut, carried = [], leftovers
+                leftovers = defaultdict(list)
+                for target in sorted(set(arrived) | set(carried)):
+                    shuffled = [arrived[target][i] for i in rng.permutation(len(arrived[target]))]
+                    refs = carried[target] + shuffled  # the carried samples go first: their shards leave soon
+                    whole = len(refs) - len(refs) % self.global_batch
+                    cut += [refs[i : i + self.global_batch] for i in range(0, whole, self.global_batch)]
+                    leftovers[target] = refs[whole:]
+                batches += [cut[i] for i in rng.permutation(len(cut))]
+            assert len(batches) == self.per_epoch, (len(batches), self.per_epoch)
+            self._epoch_cache = {number: batches}
         return self._epoch_cache[number]
 
     def global_batch_refs(self, index: int) -> list[SampleRef]:
-        per_epoch = len(self.epoch(0))
-        return self.epoch(index // per_epoch)[index % per_epoch]
+        return self.epoch(index // self.per_epoch)[index % self.per_epoch]
 
     def _shard(self, name: str):
         if name not in self.cache:
