@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="override the preset's number of steps")
     parser.add_argument("--workers", type=int, help="override the preset's number of workers")
     parser.add_argument(
+        "--checkpoint-every", type=int, help="override how often a checkpoint is reported (steps)"
+    )
+    parser.add_argument(
         "--gan-start-step", type=int, help="override the step the GAN term starts at (a fraction of --steps)"
     )
     parser.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else embedded)")
@@ -51,6 +54,8 @@ def run_train_command(args: argparse.Namespace) -> dict:
         changes["steps"] = args.steps
     if args.workers is not None:
         changes["num_workers"] = args.workers
+    if args.checkpoint_every is not None:
+        changes["checkpoint_every"] = args.checkpoint_every
     if args.gan_start_step is not None:
         changes["gan_start_step"] = args.gan_start_step
     if args.experiment:
