@@ -49,15 +49,10 @@ def run_train_command(args: argparse.Namespace) -> dict:
     from pipelines.training.stage import run_training
 
     config = PRESETS[args.preset]
-    changes = {}
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.workers is not None:
-        changes["num_workers"] = args.workers
-    if args.checkpoint_every is not None:
-        changes["checkpoint_every"] = args.checkpoint_every
-    if args.gan_start_step is not None:
-        changes["gan_start_step"] = args.gan_start_step
+    overrides = {"steps": "steps", "workers": "num_workers", "checkpoint_every": "checkpoint_every",
+                 "gan_start_step": "gan_start_step"}  # fmt: skip
+    changes = {field: getattr(args, option) for option, field in overrides.items()
+               if getattr(args, option) is not None}  # fmt: skip
     if args.experiment:
         changes["mlflow_experiment"] = args.experiment
     config = dataclasses.replace(config, **changes)  # bad values fail here, before Ray starts

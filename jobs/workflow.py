@@ -171,13 +171,13 @@ class Workflow:
             wanted["config_hash"], wanted["inputs"],
         ):  # fmt: skip
             return
-        output = stage_output(self.run_dir, stage)
-        filesystem, local = fsspec.core.url_to_fs(output)
+        filesystem, local = fsspec.core.url_to_fs(stage_output(self.run_dir, stage))
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         if filesystem.exists(local):
             target = f"{self.run_dir}/superseded/{stage.name}-{stamp}"
-            filesystem.makedirs(fsspec.core.url_to_fs(f"{self.run_dir}/superseded")[1], exist_ok=True)
-            filesystem.mv(local, fsspec.core.url_to_fs(target)[1], recursive=True)
+            target_local = fsspec.core.url_to_fs(target)[1]
+            filesystem.makedirs(target_local.rsplit("/", 1)[0], exist_ok=True)
+            filesystem.mv(local, target_local, recursive=True)
             print(f"{heading}: config or inputs changed since it last ran; previous output moved to {target}")
         run_id = previous.get("mlflow_run_id") or self.stage_run(stage, parent)
         if run_id:

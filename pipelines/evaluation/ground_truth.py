@@ -49,3 +49,18 @@ def crop_pairs(images: list, size: tuple[int, int], input_side: int) -> tuple[np
         inputs.append(encoder_input)
         truths.append(truth)
     return np.stack(inputs), truths
+
+
+def encode_crops(vae, images: list, size: tuple[int, int], input_side: int) -> tuple[np.ndarray, list]:
+    """(scaled latents (N, C, h, w) float32, [ground truth H×W×3 uint8]) of `crop_pairs`: the posterior mean,
+    so the same image always gives the same latent (the reconstruction source and training's validation grid).
+    """
+    import torch
+
+    from infgen.images import from_uint8
+
+    inputs, truths = crop_pairs(images, size, input_side)
+    pixels = torch.stack([from_uint8(image) for image in inputs])  # the VAE moves them to its device
+    with torch.inference_mode():
+        mean, _ = vae.encode_posterior(pixels)
+    return mean.float().cpu().numpy(), truths

@@ -20,7 +20,7 @@ from infgen.images import from_uint8
 from infgen.metrics import psnr, ssim
 from pipelines.evaluation.config import EvalConfig
 from pipelines.evaluation.decoders import DECODERS, decode_all
-from pipelines.evaluation.ground_truth import crop_pairs, read_images
+from pipelines.evaluation.ground_truth import encode_crops, read_images
 from pipelines.evaluation.sources import load_latent_file
 
 REFERENCE = "reference"
@@ -122,11 +122,7 @@ class ChunkScorer:
     def latents_for(self, item: dict) -> tuple[np.ndarray, list | None]:
         if item["kind"] == "reconstruction":
             images = read_images(item["refs"])
-            inputs, truths = crop_pairs(images, tuple(item["size"]), self.config.input_side)
-            pixels = torch.from_numpy(inputs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-            with torch.inference_mode():
-                mean, _ = self.models["vae"].encode_posterior(pixels)  # the posterior mean: deterministic
-            return mean.float().cpu().numpy(), truths
+            return encode_crops(self.models["vae"], images, tuple(item["size"]), self.config.input_side)
         if item["file"] not in self.latent_files:
             channels = self.models["vae"].latent_channels
             self.latent_files[item["file"]] = load_latent_file(item["file"], channels)

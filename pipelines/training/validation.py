@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 
 VALIDATION_IMAGES = 4
 
@@ -18,7 +17,7 @@ def write_validation_latents(
 ) -> str | None:
     """Encode up to `count` held-out images into `path` (.npz: latents (N, C, h, w) scaled, keys); return the
     path, or None (saying why) when the latent stage held nothing out."""
-    from pipelines.evaluation.ground_truth import crop_pairs, read_images
+    from pipelines.evaluation.ground_truth import encode_crops, read_images
     from pipelines.evaluation.sources import held_out_images
     from pipelines.ingest.manifest import read_json
     from pipelines.latents.config import LatentConfig
@@ -34,14 +33,11 @@ def write_validation_latents(
     record = read_json(f"{latents.rstrip('/')}/latents.json", "latent stage record")
     config = LatentConfig.from_dict(record["config"])
     side = config.policy.input_side
-    inputs, _ = crop_pairs(read_images(refs), (side, side), side)
     vae, label = load_frozen_vae(config.vae, "cpu")
-    pixels = torch.from_numpy(inputs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    with torch.inference_mode():
-        mean, _ = vae.encode_posterior(pixels)  # deterministic, like the evaluation's reconstruction source
+    latents, _ = encode_crops(vae, read_images(refs), (side, side), side)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.partial.npz"
-    np.savez(temporary, latents=mean.float().numpy(), keys=np.array([ref["key"] for ref in refs]))
+    np.savez(temporary, latents=latents, keys=np.array([ref["key"] for ref in refs]))
     os.replace(temporary, path)  # a file that exists is whole
     print(f"train: validation grid from {len(refs)} held-out image(s), encoded by {label}")
     return path
