@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encoders", type=int, help="VAE actors (one GPU each when there are GPUs; default 2)"
     )
+    parser.add_argument(
+        "--encoder-memory-gib", type=float,
+        help="host memory each VAE actor reserves in Ray (default 4; 1 for the embedded preset)",
+    )  # fmt: skip
     parser.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else embedded)")
     add_tracking_arguments(parser)
 
@@ -52,6 +56,8 @@ def build_config(args: argparse.Namespace):
         changes["samples_per_image"] = args.samples_per_image
     if args.encoders is not None:
         changes["encoders"] = args.encoders
+    if args.encoder_memory_gib is not None:
+        changes["encoder_memory_gib"] = args.encoder_memory_gib
     if args.holdout_fraction is not None:
         changes["holdout_fraction"] = args.holdout_fraction
     return dataclasses.replace(config, **changes)

@@ -8,8 +8,12 @@ from collections.abc import Iterator
 import ray
 
 
-def map_with_actor_pool(rows: list[dict], actor: type, size: int, constructor_kwargs: dict) -> Iterator[dict]:
+def map_with_actor_pool(
+    rows: list[dict], actor: type, size: int, constructor_kwargs: dict, memory_gib: float | None = None
+) -> Iterator[dict]:
+    """`memory_gib`: host memory each actor reserves in Ray's scheduler (None: no reservation)."""
     gpus = ray.cluster_resources().get("GPU", 0) > 0
+    resources = {} if memory_gib is None else {"memory": int(memory_gib * 2**30)}
     mapped = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         actor,
         batch_size=1,
@@ -18,5 +22,6 @@ def map_with_actor_pool(rows: list[dict], actor: type, size: int, constructor_kw
         num_gpus=1 if gpus else 0,
         num_cpus=1,
         fn_constructor_kwargs=constructor_kwargs,
+        **resources,
     )
     return mapped.iter_rows()

@@ -111,17 +111,22 @@ def test_another_config_on_the_same_output_is_refused(embedded_images, latent_ru
         latents(embedded_images, latent_run["output"], "--samples-per-image", "3")
     assert (latent_run["output"] / "manifest.json").read_text() == before
     assert json.loads(before)["status"] == "complete"
+    # how many actors run it, with how much memory, changes no latent: a resume may change them
+    resources = ["--encoders", "1", "--encoder-memory-gib", "0.5"]
+    manifest = latents(embedded_images, latent_run["output"], *resources)
+    assert manifest["counts"] == latent_run["manifest"]["counts"]
 
 
 def test_a_bf16_encoder_writes_float32_latents_close_to_fp32(embedded_images, latent_run, tmp_path):
-    """The GPU actors' dtype, exercised on the CPU: inputs cast to the encoder's dtype, latents back to fp32."""
+    """The GPU actors' dtype, on the CPU: inputs cast to the encoder's dtype, latents back to float32."""
     from pipelines.latents.config import EMBEDDED
     from pipelines.latents.encode import encode_shard
     from pipelines.latents.vae_source import load_frozen_vae
 
     vae, source = load_frozen_vae(None)
     vae.autoencoder.to(torch.bfloat16)
-    stats = encode_shard(str(embedded_images["images"] / "00000.parquet"), str(tmp_path), vae, source, EMBEDDED)
+    shard = str(embedded_images["images"] / "00000.parquet")
+    stats = encode_shard(shard, str(tmp_path), vae, source, EMBEDDED)
     table = pq.read_table(tmp_path / "00000.parquet")
     assert table.schema.field("latent").type.value_type == "float"
     reference = read_latents(pq.read_table(latent_run["output"] / "00000.parquet"))

@@ -16,6 +16,10 @@ class LatentConfig:
     vae: str | None = None  # diffusers AutoencoderKL dir or hub id; None → the embedded offline substitute
     batch_size: int = 32  # encoder batch
     encoders: int = 2  # actors in the pool (one GPU each when GPUs exist)
+    # Host memory each actor asks Ray for, so that a node is not packed with more encoders than it holds.
+    # Measured: 2.6 GiB for a batch of 32 at 512² on the CPU with the substitute VAE; SD-VAE on the CPU
+    # needs more (raise it or lower batch_size); on a GPU the activations live in GPU memory.
+    encoder_memory_gib: float = 4.0
     # Images never trained on, for the evaluation stage (pipelines/holdout.py); 0.2 % of 5M is 10k images.
     holdout_fraction: float = 0.002
     mlflow_experiment: str = "infgen-latents"
@@ -23,6 +27,8 @@ class LatentConfig:
     def __post_init__(self):
         if self.samples_per_image < 1 or self.batch_size < 1 or self.encoders < 1:
             raise ValueError(f"latent config needs samples_per_image, batch_size, encoders ≥ 1: {self}")
+        if self.encoder_memory_gib <= 0:
+            raise ValueError(f"encoder_memory_gib must be > 0, got {self.encoder_memory_gib}")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
 
@@ -38,11 +44,19 @@ class LatentConfig:
             raise ValueError(f"latent config does not match this version: {error}") from None
 
 
+def output_record(config: dict) -> dict:
+    """The settings a latent output is made with: all but how many actors ran it and with what memory,
+    which a resumed run may change (e.g. on a larger cluster) without changing a single latent. Applied to
+    stored records too, so outputs recorded before a resource setting existed still match."""
+    return {k: v for k, v in config.items() if k not in ("encoders", "encoder_memory_gib")}
+
+
 # Small enough for 2 CPU cores in seconds: 64² crops → 8×8 latents, targets 64–128 (the demo's task), in
 # coarse buckets so that a few dozen images fill whole batches of one target size.
 EMBEDDED = LatentConfig(
     policy=CropPolicy(input_side=64, min_side=64, max_side=128, step=32),
     samples_per_image=4,
     batch_size=16,
+    encoder_memory_gib=1.0,
     holdout_fraction=0.2,  # a few dozen images: enough held out for the demo's evaluation to mean something
 )

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipelines.actor_pool import map_with_actor_pool
 from pipelines.errors import StageError
 from pipelines.ingest.manifest import RunLock, code_version, read_json, resolve_inputs, write_json
-from pipelines.latents.config import LatentConfig
+from pipelines.latents.config import LatentConfig, output_record
 from pipelines.latents.encode import ShardEncoder
 from pipelines.tracking import absolute
 
@@ -46,10 +46,11 @@ def run_latents(
     out = output.rstrip("/")
     started = time.perf_counter()
     with RunLock(f"{out}/_LOCK"):
-        wanted = {"config": config.to_dict(), "inputs": inputs}
+        wanted = {"config": output_record(config.to_dict()), "inputs": inputs}
         record_path = f"{out}/latents.json"
         if filesystem.exists(f"{root}/latents.json"):
-            if read_json(record_path, "latent stage record") != wanted:
+            recorded = read_json(record_path, "latent stage record")
+            if {**recorded, "config": output_record(recorded.get("config", {}))} != wanted:
                 raise ValueError(
                     f"{output} holds latents made from other images or another config; "
                     "use a new output folder to encode with these"
@@ -63,7 +64,8 @@ def run_latents(
         progress(f"latents: {len(shards)} image shard(s), {len(todo)} to encode, {len(done)} done earlier")
         if todo:
             rows = map_with_actor_pool([{"path": p} for p in todo], ShardEncoder, config.encoders,
-                                       {"config": config, "output_dir": output})  # fmt: skip
+                                       {"config": config, "output_dir": output},
+                                       memory_gib=config.encoder_memory_gib)  # fmt: skip
             for row in rows:
                 stats = json.loads(row["stats"])
                 progress(

@@ -44,6 +44,15 @@ def mlflow_run(tracking_uri: str, config: TrainConfig, name: str, parent_run_id:
     return run.info.run_id
 
 
+def worker_environment(use_gpu: bool) -> dict[str, str]:
+    # Ray Train V2 patches print() on its workers to log as well as print: every progress line reached the
+    # driver twice. Our lines are progress only (losses.jsonl and MLflow keep the record), so printed once.
+    environment = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not use_gpu:
+        environment["DS_ACCELERATOR"] = "cpu"  # rather than let DeepSpeed probe a CUDA build of torch
+    return environment
+
+
 def run_training(
     config: TrainConfig,
     latents: str,
@@ -87,8 +96,7 @@ def run_training(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # CPU workers: tell DeepSpeed so, rather than let it probe a CUDA build of torch
-            worker_runtime_env=None if config.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
+            worker_runtime_env={"env_vars": worker_environment(config.use_gpu)},
         ),
     )
     with sigint_handler_kept():  # Ray Train's fit leaves its own SIGINT handler installed
