@@ -18,7 +18,9 @@ def map_with_actor_pool(
         actor,
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(size, len(rows))),
+        # One item per actor at a time: items are long (a whole shard), and Ray Data's default queues two on
+        # the first actor to start, which left the other idle (seen: 2 shards, 2 actors, one did both).
+        compute=ray.data.ActorPoolStrategy(size=min(size, len(rows)), max_tasks_in_flight_per_actor=1),
         num_gpus=1 if gpus else 0,
         num_cpus=1,
         fn_constructor_kwargs=constructor_kwargs,
