@@ -70,7 +70,8 @@ def run_latents(
                 stats = json.loads(row["stats"])
                 progress(
                     f"latents: {stats['shard']}: {stats['samples']} samples from {stats['images_used']} of "
-                    f"{stats['images']} images ({time.perf_counter() - started:.0f}s)"
+                    f"{stats['images']} images in {stats['finished'] - stats['started']:.0f}s on "
+                    f"{stats['worker']} ({time.perf_counter() - started:.0f}s)"
                 )
         manifest = _manifest(out, filesystem, root, inputs, config, time.perf_counter() - started)
         write_json(f"{out}/manifest.json", manifest)
