@@ -20,7 +20,14 @@ import time
 import warnings
 from pathlib import Path
 
-from jobs.workflow_spec import StageSpec, WorkflowSpec, load_workflow, stage_arguments, stage_output
+from jobs.workflow_spec import (
+    StageSpec,
+    WorkflowSpec,
+    load_workflow,
+    output_arguments,
+    stage_arguments,
+    stage_output,
+)
 from pipelines.errors import StageError
 
 RECORD_VERSION = 1
@@ -86,7 +93,8 @@ class Workflow:
         for upstream in stage.upstream():
             spec = next(s for s in self.spec.stages if s.name == upstream)
             inputs[upstream] = output_hash(spec, stage_output(self.run_dir, spec))
-        return {"arguments": arguments, "config_hash": text_hash(arguments), "inputs": inputs}
+        config_hash = text_hash(output_arguments(stage, arguments))
+        return {"arguments": arguments, "config_hash": config_hash, "inputs": inputs}
 
     def up_to_date(self, stage: StageSpec, wanted: dict) -> bool:
         record = self.read_record(stage)

@@ -28,6 +28,9 @@ COMMANDS = ("ingest", "latents", "train", "evaluate")
 # Options the workflow sets itself: the output location and MLflow nesting.
 RESERVED = {"output", "storage", "name", "tracking-uri", "parent-run-id", "experiment", "run-name",
             "ray-address"}  # fmt: skip
+# Options that say how a stage runs, not what it makes (the stages leave them out of their own records too,
+# pipelines/output_record.py): changing one resumes a stage instead of superseding its output.
+RESOURCE_OPTIONS = {"latents": ("encoders", "encoder-memory-gib"), "evaluate": ("workers",)}
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -151,6 +154,20 @@ def stage_arguments(spec: WorkflowSpec, stage: StageSpec, run_dir: str) -> list[
         arguments += ["--output", outputs[stage.name]]
     _check(arguments, f"workflow file {spec.source}, stage {stage.name}")
     return arguments
+
+
+def output_arguments(stage: StageSpec, arguments: list[str]) -> list[str]:
+    """A stage's command line without its resource options (one value each): what its output depends on."""
+    dropped = {f"--{option}" for option in RESOURCE_OPTIONS.get(stage.command, ())}
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument in dropped:
+            skip = True
+        else:
+            kept.append(argument)
+    return kept
 
 
 def _append_options(command: str) -> set[str]:

@@ -189,6 +189,12 @@ def test_a_finished_workflow_reruns_as_all_skipped_and_a_changed_option_reruns_t
     first_table = json.loads((run_dir / "evaluate" / "manifest.json").read_text())
 
     data = yaml.safe_load(demo_run["path"].read_text())
+    data["stages"][1]["options"].update({"encoders": 1, "encoder-memory-gib": 0.5})  # how a stage runs,
+    data["stages"][4]["options"]["workers"] = 2  # not what it makes: nothing reruns, nothing superseded
+    resources = write_workflow(demo_run["root"] / "resources.yaml", data)
+    assert run_workflow(str(resources))["stages"] == {name: "skipped" for name in STAGES}
+    assert not (run_dir / "superseded").exists()
+
     data["stages"][4]["options"]["patches-per-image"] = 2  # the evaluation's config changes
     changed = write_workflow(demo_run["root"] / "changed.yaml", data)
     rerun = run_workflow(str(changed))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class EvalConfig:
     )
     lpips_trunk: str | None = None  # torchvision AlexNet weights for LPIPS; None → default place, else random
     mlflow_experiment: str = "infgen-eval"
+    # How the stage runs, not what it scores: a resume may change it (pipelines/output_record.py).
+    RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("workers",)
 
     def __post_init__(self):
         if not self.sizes:

@@ -27,6 +27,7 @@ from pipelines.evaluation.scoring import REFERENCE, ChunkScorer, load_part
 from pipelines.evaluation.sources import diffusers_latents, held_out_images, load_latent_file
 from pipelines.evaluation.table import concatenate, gains_rows, markdown
 from pipelines.ingest.manifest import RunLock, code_version, file_sha256, read_json, write_json
+from pipelines.output_record import same_output
 from pipelines.tracking import absolute
 
 MANIFEST_VERSION = 1
@@ -120,7 +121,8 @@ def run_evaluation(
             inputs["latent_files"][name] = {"path": path, "sha256": file_sha256(path)}
         wanted = json.loads(json.dumps({"config": config.to_dict(), "inputs": inputs}))  # tuples → lists
         if filesystem.exists(f"{root}/evaluation.json"):
-            if read_json(f"{out}/evaluation.json", "evaluation record") != wanted:
+            recorded = read_json(f"{out}/evaluation.json", "evaluation record")
+            if not same_output(recorded, wanted, config.RESOURCE_FIELDS):
                 raise ValueError(
                     f"{output} holds an evaluation of another decoder, other inputs or another config; "
                     "use a new output folder"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from pipelines.latents.crops import CropPolicy
 
@@ -23,6 +24,8 @@ class LatentConfig:
     # Images never trained on, for the evaluation stage (pipelines/holdout.py); 0.2 % of 5M is 10k images.
     holdout_fraction: float = 0.002
     mlflow_experiment: str = "infgen-latents"
+    # How the stage runs, not what it makes: a resume may change these (pipelines/output_record.py).
+    RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("encoders", "encoder_memory_gib")
 
     def __post_init__(self):
         if self.samples_per_image < 1 or self.batch_size < 1 or self.encoders < 1:
@@ -42,13 +45,6 @@ class LatentConfig:
             return cls(policy=CropPolicy(**data.pop("policy", {})), **data)
         except TypeError as error:
             raise ValueError(f"latent config does not match this version: {error}") from None
-
-
-def output_record(config: dict) -> dict:
-    """The settings a latent output is made with: all but how many actors ran it and with what memory,
-    which a resumed run may change (e.g. on a larger cluster) without changing a single latent. Applied to
-    stored records too, so outputs recorded before a resource setting existed still match."""
-    return {k: v for k, v in config.items() if k not in ("encoders", "encoder_memory_gib")}
 
 
 # Small enough for 2 CPU cores in seconds: 64² crops → 8×8 latents, targets 64–128 (the demo's task), in

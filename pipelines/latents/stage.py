@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 from pipelines.actor_pool import map_with_actor_pool
 from pipelines.errors import StageError
 from pipelines.ingest.manifest import RunLock, code_version, read_json, resolve_inputs, write_json
-from pipelines.latents.config import LatentConfig, output_record
+from pipelines.latents.config import LatentConfig
 from pipelines.latents.encode import ShardEncoder
+from pipelines.output_record import same_output
 from pipelines.tracking import absolute
 
 MANIFEST_VERSION = 1
@@ -46,11 +47,11 @@ def run_latents(
     out = output.rstrip("/")
     started = time.perf_counter()
     with RunLock(f"{out}/_LOCK"):
-        wanted = {"config": output_record(config.to_dict()), "inputs": inputs}
+        wanted = {"config": config.to_dict(), "inputs": inputs}
         record_path = f"{out}/latents.json"
         if filesystem.exists(f"{root}/latents.json"):
             recorded = read_json(record_path, "latent stage record")
-            if {**recorded, "config": output_record(recorded.get("config", {}))} != wanted:
+            if not same_output(recorded, wanted, config.RESOURCE_FIELDS):
                 raise ValueError(
                     f"{output} holds latents made from other images or another config; "
                     "use a new output folder to encode with these"
