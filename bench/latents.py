@@ -94,7 +94,7 @@ def shard_timeline(latents: Path, stage_start: float, stage_end: float) -> dict:
     spans = collections.defaultdict(list)
     for path in latents.glob("*_stats.json"):
         stats = json.loads(path.read_text())
-        spans[stats["pid"]].append((stats["started"], stats["finished"]))
+        spans[stats["worker"], stats["pid"]].append((stats["started"], stats["finished"]))
     startup = [min(s for s, _ in shards) - stage_start for shards in spans.values()]
     busy = [sum(f - s for s, f in shards) for shards in spans.values()]
     idle_tail = [stage_end - max(f for _, f in shards) for shards in spans.values()]
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     stage_samples = manifest["counts"]["samples"]
     bare_rate, stage_rate = bare_samples / bare_seconds, stage_samples / stage_seconds
     ratio = stage_rate / bare_rate
-    startup = max(timeline["startup"], default=0.0)
+    startup = min(timeline["startup"], default=0.0)  # from the first actor's first shard on
     steady_rate = stage_samples / max(stage_seconds - startup, 1e-9)
     lines = [
         f"Latent stage, {args.images} images (> 2 MP JPEGs) in shards of {args.per_shard}, preset "

@@ -101,9 +101,17 @@ class Workflow:
         if not record or record.get("status") != "complete":
             return False
         current = output_hash(stage, stage_output(self.run_dir, stage))
-        return (record["config_hash"], record["inputs"], record["output_hash"]) == (
+        return (self.recorded_config_hash(stage, record), record["inputs"], record["output_hash"]) == (
             wanted["config_hash"], wanted["inputs"], current,
         )  # fmt: skip
+
+    @staticmethod
+    def recorded_config_hash(stage: StageSpec, record: dict) -> str | None:
+        """Recomputed from the recorded command line, so that records from before an option counted as a
+        resource setting (and so dropped from the hash) still match."""
+        if "arguments" in record:
+            return text_hash(output_arguments(stage, record["arguments"]))
+        return record.get("config_hash")
 
     # --- MLflow --------------------------------------------------------------------------------------
     def parent_run(self) -> str:
@@ -175,7 +183,7 @@ class Workflow:
         import fsspec
 
         previous = self.read_record(stage)
-        if not previous or (previous.get("config_hash"), previous.get("inputs")) == (
+        if not previous or (self.recorded_config_hash(stage, previous), previous.get("inputs")) == (
             wanted["config_hash"], wanted["inputs"],
         ):  # fmt: skip
             return

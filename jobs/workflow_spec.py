@@ -134,8 +134,14 @@ def stage_arguments(spec: WorkflowSpec, stage: StageSpec, run_dir: str) -> list[
     """The `infgen` command line of a stage (without tracking options), validated by its parser."""
     outputs = {other.name: stage_output(run_dir, other) for other in spec.stages}
     repeated = _append_options(stage.command)
+    known = {flag for action in _command_actions(stage.command) for flag in action.option_strings}
     arguments = [stage.command]
     for option, value in stage.options.items():
+        if f"--{option}" not in known:  # argparse would take an abbreviation; records need the full name
+            raise ValueError(
+                f"workflow file {spec.source}, stage {stage.name}: unknown option {option!r} for "
+                f"`infgen {stage.command}` (options are spelled out in full, without dashes)"
+            )
         if value is True:
             arguments.append(f"--{option}")
             continue
@@ -170,14 +176,19 @@ def output_arguments(stage: StageSpec, arguments: list[str]) -> list[str]:
     return kept
 
 
-def _append_options(command: str) -> set[str]:
+def _command_actions(command: str) -> list:
     import argparse
 
     from jobs.cli import build_parser
 
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parser = subparsers.choices[command]
-    return {flag for action in parser._actions if isinstance(action, argparse._AppendAction)
+    return subparsers.choices[command]._actions
+
+
+def _append_options(command: str) -> set[str]:
+    import argparse
+
+    return {flag for action in _command_actions(command) if isinstance(action, argparse._AppendAction)
             for flag in action.option_strings}  # fmt: skip
 
 

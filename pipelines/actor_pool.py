@@ -14,6 +14,8 @@ def map_with_actor_pool(
     """`memory_gib`: host memory each actor reserves in Ray's scheduler (None: no reservation)."""
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     resources = {} if memory_gib is None else {"memory": int(memory_gib * 2**30)}
+    if memory_gib is not None:
+        _warn_if_no_node_fits(actor.__name__, memory_gib)
     mapped = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         actor,
         batch_size=1,
@@ -27,3 +29,18 @@ def map_with_actor_pool(
         **resources,
     )
     return mapped.iter_rows()
+
+
+def _warn_if_no_node_fits(name: str, memory_gib: float) -> None:
+    # Not an error: an autoscaling cluster may add a node that fits. Without one the actors wait forever,
+    # so say why before they do.
+    offered = [node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")]
+    largest = max(offered, default=0)
+    if memory_gib * 2**30 > largest:
+        print(
+            f"warning: each {name} actor reserves {memory_gib:g} GiB of memory, and no node of this "
+            f"cluster offers Ray that much now (largest {largest / 2**30:.1f} GiB): the actors wait until "
+            "a node that fits joins. Lower the memory setting (infgen latents: --encoder-memory-gib) if none "
+            "will.",
+            flush=True,
+        )

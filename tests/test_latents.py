@@ -134,3 +134,13 @@ def test_a_bf16_encoder_writes_float32_latents_close_to_fp32(embedded_images, la
     assert bf16.shape == reference.shape and np.isfinite(bf16).all()
     assert np.abs(bf16 - reference).mean() < 0.05 * np.abs(reference).mean()
     assert stats["finished"] >= stats["started"] and stats["samples"] == len(table)
+
+
+def test_actors_reserving_more_memory_than_any_node_offers_are_announced(ray_address, capsys):
+    from pipelines.actor_pool import _warn_if_no_node_fits
+
+    _warn_if_no_node_fits("ShardEncoder", 0.5)
+    assert "warning" not in capsys.readouterr().out
+    _warn_if_no_node_fits("ShardEncoder", 100_000)
+    out = capsys.readouterr().out
+    assert "each ShardEncoder actor reserves 100000 GiB" in out and "--encoder-memory-gib" in out
