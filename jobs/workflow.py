@@ -106,12 +106,10 @@ class Workflow:
         )  # fmt: skip
 
     @staticmethod
-    def recorded_config_hash(stage: StageSpec, record: dict) -> str | None:
-        """Recomputed from the recorded command line, so that records from before an option counted as a
-        resource setting (and so dropped from the hash) still match."""
-        if "arguments" in record:
-            return text_hash(output_arguments(stage, record["arguments"]))
-        return record.get("config_hash")
+    def recorded_config_hash(stage: StageSpec, record: dict) -> str:
+        """Recomputed from the recorded command line (every record has it), so that records from before an
+        option counted as a resource setting (and so dropped from the hash) still match."""
+        return text_hash(output_arguments(stage, record["arguments"]))
 
     # --- MLflow --------------------------------------------------------------------------------------
     def parent_run(self) -> str:

@@ -28,9 +28,6 @@ COMMANDS = ("ingest", "latents", "train", "evaluate")
 # Options the workflow sets itself: the output location and MLflow nesting.
 RESERVED = {"output", "storage", "name", "tracking-uri", "parent-run-id", "experiment", "run-name",
             "ray-address"}  # fmt: skip
-# Options that say how a stage runs, not what it makes (the stages leave them out of their own records too,
-# pipelines/output_record.py): changing one resumes a stage instead of superseding its output.
-RESOURCE_OPTIONS = {"latents": ("encoders", "encoder-memory-gib"), "evaluate": ("workers",)}
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -164,16 +161,23 @@ def stage_arguments(spec: WorkflowSpec, stage: StageSpec, run_dir: str) -> list[
 
 def output_arguments(stage: StageSpec, arguments: list[str]) -> list[str]:
     """A stage's command line without its resource options (one value each): what its output depends on."""
-    dropped = {f"--{option}" for option in RESOURCE_OPTIONS.get(stage.command, ())}
-    kept, skip = [], False
-    for argument in arguments:
-        if skip:
-            skip = False
-        elif argument in dropped:
-            skip = True
+    dropped = {f"--{field.replace('_', '-')}" for field in _resource_fields(stage.command)}
+    kept, remaining = [], iter(arguments)
+    for argument in remaining:
+        if argument in dropped:
+            next(remaining, None)  # and its value
         else:
             kept.append(argument)
     return kept
+
+
+def _resource_fields(command: str) -> tuple[str, ...]:
+    """The config fields that say how a stage runs, not what it makes (pipelines/output_record.py); each is
+    the command's option of the same name. Changing one resumes a stage instead of superseding its output."""
+    from pipelines.evaluation.config import EvalConfig
+    from pipelines.latents.config import LatentConfig
+
+    return {"latents": LatentConfig.RESOURCE_FIELDS, "evaluate": EvalConfig.RESOURCE_FIELDS}.get(command, ())
 
 
 def _command_actions(command: str) -> list:

@@ -13,8 +13,9 @@ def map_with_actor_pool(
 ) -> Iterator[dict]:
     """`memory_gib`: host memory each actor reserves in Ray's scheduler (None: no reservation)."""
     gpus = ray.cluster_resources().get("GPU", 0) > 0
-    resources = {} if memory_gib is None else {"memory": int(memory_gib * 2**30)}
+    resources = {}
     if memory_gib is not None:
+        resources["memory"] = int(memory_gib * 2**30)
         _warn_if_no_node_fits(actor.__name__, memory_gib)
     mapped = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         actor,

@@ -6,14 +6,11 @@ larger cluster may change them."""
 from __future__ import annotations
 
 
-def made_with(config: dict, resource_fields: tuple[str, ...]) -> dict:
-    return {key: value for key, value in config.items() if key not in resource_fields}
-
-
 def same_output(recorded: dict, wanted: dict, resource_fields: tuple[str, ...]) -> bool:
     """Records with a "config" entry; a recorded config from before a resource field existed still matches."""
 
     def comparable(record: dict) -> dict:
-        return {**record, "config": made_with(record.get("config", {}), resource_fields)}
+        config = {key: value for key, value in record.get("config", {}).items() if key not in resource_fields}
+        return {**record, "config": config}
 
     return comparable(recorded) == comparable(wanted)
