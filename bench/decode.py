@@ -64,6 +64,8 @@ def build(preset_name: str, decoder: str, size: int, device: str):
     from diffusers import AutoencoderKL
     from diffusers.utils import logging
 
+    from infgen.vae import VAE_DOWNSAMPLE_FACTOR
+
     # The preset's pixel-decoder conv layout (for "paper" that is SD-VAE's (128, 256, 512, 512) with
     # layers_per_block 2): diffusers runs layers_per_block + 1 ResBlocks per level, plus its mid attention.
     channels = tuple(config.decoder.channels)
@@ -77,7 +79,9 @@ def build(preset_name: str, decoder: str, size: int, device: str):
         latent_channels=4,
         norm_num_groups=groups,
     ).to(device=device, dtype=dtype)
-    latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=dtype)
+    latents = torch.randn(
+        1, 4, size // VAE_DOWNSAMPLE_FACTOR, size // VAE_DOWNSAMPLE_FACTOR, device=device, dtype=dtype
+    )
     return torch.no_grad()(lambda: vae.decode(latents).sample)
 
 

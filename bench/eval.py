@@ -9,7 +9,7 @@ other:
   file loader, clean resize and pool_3 features, then its Fréchet distance.
 - **ours**: what the stage's actors do per chunk (`pipelines/evaluation/scoring.image_features`): decode the
   files with PIL, `InceptionFeatures.features` in batches of B (the same clean resize; pool_3 and the sFID
-  spatial features from one forward pass), then `infgen.distribution.frechet_distance`.
+  spatial features from one forward pass), then `infgen.metrics.distribution.frechet_distance`.
 
 Throughput is images per second of the feature extraction over both folders (wall time, after one untimed
 warm-up batch on each side); the Fréchet distance is timed apart (clean-fid's `scipy.linalg.sqrtm` of the
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def write_folder(folder: Path, count: int, size: int, first_seed: int) -> list[Path]:
-    from infgen.synthetic import make_image
+    from infgen.substitutes.synthetic import make_image
 
     folder.mkdir(parents=True)
     paths = []
@@ -70,7 +70,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 def ours(inception, folders: list[list[Path]], batch: int) -> dict:
     """The stage's extraction path over both folders, then our Fréchet distance, each timed."""
-    from infgen.distribution import frechet_distance
+    from infgen.metrics.distribution import frechet_distance
 
     inception.features(np.stack([read_rgb(path) for path in folders[0][:batch]]))  # warm-up
     started = time.perf_counter()
@@ -118,7 +118,7 @@ def verdict(met: bool) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from infgen.inception import load_inception
+    from infgen.metrics.inception import load_inception
 
     inception = load_inception(args.inception, batch_size=args.batch)
     load_before = os.getloadavg()[0]

@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def write_image_shards(directory: Path, count: int, per_shard: int) -> None:
-    from infgen.synthetic import make_image
+    from infgen.substitutes.synthetic import make_image
 
     directory.mkdir(parents=True)
     rng = np.random.default_rng(0)

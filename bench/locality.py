@@ -3,38 +3,23 @@
 The plain-torch demo (since replaced by the workflow) trained the `tiny` preset on 8×8 latents of the
 embedded frozen VAE and decoded held-out latents at 2× (128²). With the paper's query start (one learned
 vector + INPE, `query_init="learned"`) every query must find its own neighbourhood of the latent through
-cross-attention, and a few hundred CPU steps leave the output mostly flat colour. The other `query_init`
-values (the default:
-"latent_sample") add Linear(features bilinearly sampled at the query's own coordinate) to the query; this
-script measures what that buys on the demo's data recipe (`crops` below and its constants, 64² encoder input
-→ 8×8 latent → targets up to 128²), batch 4, AdamW lr 1e-3, cosine to lr/20 over the run (optionally after a
-linear warm-up), seed 0.
+cross-attention, and a few hundred CPU steps leave the output mostly flat colour. The default,
+`query_init="latent_sample"`, adds Linear(the latent bilinearly sampled at the query's own coordinate) to the
+query; this script measures what that buys on the demo's data recipe (`crops` below and its constants, 64²
+encoder input → 8×8 latent → targets up to 128²), batch 4, AdamW lr 1e-3, cosine to lr/20 over the run
+(optionally after a linear warm-up), seed 0.
 
 Each variant is one run of --steps steps; the held-out PSNR is taken at each --checkpoints step of that run
 (the cosine spans the whole run, so an early checkpoint sees a higher learning rate than a run of that
 length would: pass --separate for one run per checkpoint, each with its own cosine, as the demo did).
-Variants are `QUERY_INIT[:INIT]`, INIT one of `xavier`, `zero`, `small` (std 0.02) for the new Linear
-(default: the model's own initialisation).
+Variants are `QUERY_INIT[:INIT]`, QUERY_INIT one of infgen.model.QUERY_INITS and INIT one of `xavier`,
+`zero`, `small` (std 0.02) for the new Linear (default: the model's own initialisation).
 
     .venv/bin/python bench/locality.py --variants learned latent_sample:zero --steps 2000
 
 Reports markdown: per variant and checkpoint, InfGen's PSNR at 2× on 8 held-out crops, the stock VAE decoder +
 bicubic on the same latents, and the seconds per training step (at --threads, default 1): wall time, and the
-process CPU time, which other jobs on a shared machine disturb much less.
-
-Measured with --variants learned latent_sample (2 shared CPU cores, 1 thread; VAE decoder + bicubic 30.62 dB;
-CPU s/step 0.35-0.40 for both):
-
-| run                                          | learned dB            | latent_sample dB      |
-| -------------------------------------------- | --------------------- | --------------------- |
-| --separate --checkpoints 300 (the demo)      | 16.72                 | 28.23                 |
-| --steps 2000, at 300 / 1000 / 2000           | 16.26 / 18.83 / 19.47 | 23.14 / 28.34 / 30.31 |
-| same with --warmup 100                       | 22.67 / 27.22 / 30.33 | 25.08 / 29.27 / 30.55 |
-| --separate --checkpoints 300 --warmup 100    | 25.18                 | 28.19                 |
-| --steps 1000 --warmup 100, at 300 / 1000     | 23.55 / 29.38         | 25.24 / 30.04         |
-
---steps 600, at 300 / 600: latent_sample 24.21 / 28.96, latent_sample:zero 19.50 / 19.91, token_sample
-22.13 / 23.96, memory_sample 21.83 / 23.19, memory_sample:zero 19.58 / 20.23, learned 17.38 / 16.72.
+process CPU time, which other jobs on a shared machine disturb much less. Results: bench/README.md.
 """
 
 from __future__ import annotations
@@ -53,13 +38,10 @@ import torch.nn.functional as F  # noqa: E402
 
 import infgen  # noqa: E402
 from bench.report import emit  # noqa: E402
-from infgen.embedded_vae import embedded_vae  # noqa: E402
-from infgen.images import (
-    from_uint8,  # noqa: E402
-    save_png,  # noqa: E402
-)
+from infgen.images import from_uint8, save_png  # noqa: E402
 from infgen.metrics import psnr  # noqa: E402
-from infgen.synthetic import make_image  # noqa: E402
+from infgen.substitutes.embedded_vae import embedded_vae  # noqa: E402
+from infgen.substitutes.synthetic import make_image  # noqa: E402
 
 # The recipe of the plain-torch demo this benchmark was first measured on (it preceded `infgen run
 # jobs/demo.yaml`): 64² crops → 8×8 latents, decoded at bucketed sizes up to 2×.

@@ -1,7 +1,8 @@
 """Inference: decode a batch of latents to any size, and climb past the training range by re-encoding.
 
 `decode` is one InfGen forward pass with memory bounded by chunking the mask-token queries and tiling the
-pixel decoder. `extrapolate` is the paper's training-free resolution extrapolation (infgen-paper.md §3.2):
+pixel decoder. `extrapolate` is the paper's training-free resolution extrapolation (docs/paper.md, "Inference
+and extrapolation"):
 
     L_n = Encoder(I_{n-1}),  I_n = InfGen(L_n, s_n · size(I_{n-1})),  s_n ≤ 2
 
@@ -18,6 +19,7 @@ import torch
 
 from infgen.model import InfGen
 from infgen.pixel_decoder import UPSAMPLE_FACTOR
+from infgen.vae import VAE_DOWNSAMPLE_FACTOR
 
 DEFAULT_QUERY_CHUNK = 16384  # mask tokens per chunk: a 1024² output (16,384 tokens) still runs in one piece
 DEFAULT_TILE_CELLS = 64  # pixel-decoder tile side in token cells (512 px); larger grids are tiled
@@ -101,9 +103,18 @@ def decode(
     return images.clamp_(-1.0, 1.0)
 
 
-def extrapolation_sizes(latent_hw: tuple[int, int], size: tuple[int, int], in_distribution_scale: float):
-    """Output size of every step: one in-distribution decode, then steps of at most ×2 per side."""
-    base_h, base_w = latent_hw[0] * UPSAMPLE_FACTOR, latent_hw[1] * UPSAMPLE_FACTOR
+def extrapolation_sizes(
+    latent_hw: tuple[int, int],
+    size: tuple[int, int],
+    in_distribution_scale: float,
+    downsample_factor: int = VAE_DOWNSAMPLE_FACTOR,
+):
+    """Output size of every step: one in-distribution decode, then steps of at most ×2 per side.
+
+    A latent's base size is the image its VAE encoded: latent side × that VAE's `downsample_factor` (KL-f8's
+    when the VAE is not known), whatever the pixel decoder's own upsampling.
+    """
+    base_h, base_w = latent_hw[0] * downsample_factor, latent_hw[1] * downsample_factor
     overshoot = max(size[0] / (base_h * in_distribution_scale), size[1] / (base_w * in_distribution_scale))
     steps = max(0, math.ceil(math.log2(overshoot) - 1e-9)) if overshoot > 1 else 0
     return [
@@ -122,7 +133,10 @@ def extrapolate(
 ) -> torch.Tensor:
     """Decode beyond the training range: decode in range, then re-encode and decode at most ×2 per step."""
     height, width = validate_request(model, latents, size)
-    sizes = extrapolation_sizes(tuple(latents.shape[2:]), (height, width), model.config.in_distribution_scale)
+    downsample_factor = getattr(encoder, "downsample_factor", VAE_DOWNSAMPLE_FACTOR)  # FrozenVAE has one
+    sizes = extrapolation_sizes(
+        tuple(latents.shape[2:]), (height, width), model.config.in_distribution_scale, downsample_factor
+    )
     images = decode(model, latents, sizes[0], **decode_options)
     for step_size in sizes[1:]:
         images = decode(model, encoder.encode(images), step_size, **decode_options)

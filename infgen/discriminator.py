@@ -3,7 +3,8 @@
 The layout follows taming-transformers' `NLayerDiscriminator` (itself from pix2pix):
 https://github.com/CompVis/taming-transformers/blob/master/taming/modules/discriminator/model.py
 At the defaults (3 layers, 64 base channels) it has about 2.8M parameters and each output logit sees a
-70×70 pixel patch, so a 256×256 image gives a 30×30 logit map (shared/reference/infgen-paper.md §2.2).
+70×70 pixel patch, so a 256×256 image gives a 30×30 logit map (docs/paper.md, "Defaults where the paper is
+silent").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The decoder's training loss: L1 + λ_P·LPIPS + λ_G·hinge-GAN (shared/reference/infgen-paper.md §2).
+"""The decoder's training loss: L1 + λ_P·LPIPS + λ_G·hinge-GAN (docs/paper.md, "Training").
 
 Pure functions come first, then `DecoderLoss`, which owns the frozen LPIPS and the PatchGAN discriminator
 and exposes the generator and discriminator objectives as two methods that return dicts (no `optimizer_idx`).
@@ -15,7 +15,6 @@ from torch import nn
 from torch.func import functional_call
 
 from infgen.discriminator import DiscriminatorConfig, NLayerDiscriminator
-from infgen.perceptual import load_lpips
 
 
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -42,7 +41,8 @@ def random_crop_pair(
     """The same random crop (≤ crop_size on each side) of two (..., H, W) tensors; unchanged if already small.
 
     LPIPS and the discriminator run on these crops so that their activation memory at 2048² targets is that
-    of a 512² image (infgen-paper.md §2.2). One offset serves the whole batch; `generator` is a CPU one.
+    of a 512² image (docs/paper.md, "Defaults where the paper is silent"). One offset serves the whole batch;
+    `generator` is a CPU one.
     """
     if prediction.shape != target.shape:
         raise ValueError(
@@ -62,7 +62,7 @@ def random_crop_pair(
 class LossConfig:
     l1_weight: float = 1.0
     perceptual_weight: float = 0.1  # λ_P, the paper's value
-    gan_weight: float = 0.1  # λ_G, the paper's value; fixed, no adaptive weight (infgen-paper.md §2.2)
+    gan_weight: float = 0.1  # λ_G, the paper's value; fixed, no adaptive weight (docs/paper.md, "Training")
     gan_start_step: int = 50_000  # not in the paper; about 10% of stage 1
     perceptual_crop: int = 512  # side of the crop that LPIPS and the discriminator see
     lpips_trunk_weights: str | None = None  # None: $INFGEN_LPIPS_TRUNK, then torch's hub cache (perceptual)
@@ -81,6 +81,9 @@ class DecoderLoss(nn.Module):
         super().__init__()
         self.config = config or LossConfig()
         if perceptual is None:
+            # Imported here: LPIPS needs the pipeline extra (lpips), and importing this module must not.
+            from infgen.metrics.perceptual import load_lpips
+
             perceptual = load_lpips(self.config.lpips_trunk_weights)
         self.perceptual = perceptual
         self.perceptual.requires_grad_(False).eval()

@@ -1,6 +1,7 @@
 """The InfGen decoder: one fixed-size latent in, an image of any requested size out, in one forward pass.
 
-Layout (shared/reference/infgen-paper.md §1.3 and §8; sizes are its §7 defaults, as the paper gives none):
+Layout (docs/paper.md, "Architecture"; the paper gives no sizes, the presets' are ours: docs/paper.md,
+"Defaults where the paper is silent"):
 
     latent z (B, 4, h_l, w_l), already × the VAE scaling factor
       → patchify (p) → Linear → + INPE(latent grid) + type embedding
@@ -14,17 +15,12 @@ Because queries never interact, they can be decoded in chunks of any size with i
 decoder is local, so it can be tiled exactly (see pixel_decoder.py). Together that bounds the memory of a 4K
 decode by the chunk and tile sizes rather than by the output size.
 
-Deviation from the paper, on by default in every preset: a locality prior for the queries
-(InfGenConfig.query_init="latent_sample"). In the paper a query starts from one learned vector + INPE, the
-same for every image, and has to discover through cross-attention alone which latent cells lie under it. At
-CPU-demo scale that is slow and fragile: the `tiny` preset trained on the demo's recipe still decodes held-out
-latents at 2× to mostly flat colour after 2000 steps (19.5 dB, against 30.6 dB for the stock VAE decoder +
-bicubic). Each query now also gets Linear(latent sampled bilinearly at its own coordinate, on the latent
-grid's geometry): a bilinear upsampling of z that the blocks refine, with cross-attention still supplying the
-context. Measured with bench/locality.py (numbers in the comment on InfGenConfig.query_init): +11.5 dB after
-the demo's 300 steps, 30.3 dB after 2000; with a learning-rate warm-up the paper's queries catch up by 2000
-steps, and the prior still leads by 2-3 dB at 300-1000. A query still depends only on its own coordinate and
-the latent, so chunked decoding stays exact. Checkpoints whose config predates the option load as "learned".
+Deviation from the paper, on by default in every preset (docs/paper.md, "Deviations"): a locality prior for
+the queries, InfGenConfig.query_init="latent_sample". In the paper a query starts from one learned vector +
+INPE and must find the latent cells under it through cross-attention alone, which at small scale trains
+slowly; here each query also gets Linear(latent sampled bilinearly at its own coordinate), a bilinear
+upsampling of z that the blocks refine. A query still depends only on its own coordinate and the latent, so
+chunked decoding stays exact. Measurements: bench/README.md, "bench/locality.py".
 """
 
 from __future__ import annotations
@@ -40,7 +36,8 @@ from torch.utils.checkpoint import checkpoint
 from infgen.pixel_decoder import UPSAMPLE_FACTOR, PixelDecoder, PixelDecoderConfig
 from infgen.posenc import INPE, INPEConfig, normalized_grid
 
-QUERY_INITS = ("learned", "latent_sample", "token_sample", "memory_sample")
+# "learned": the paper's query start. "latent_sample": the default, with the locality prior described above.
+QUERY_INITS = ("learned", "latent_sample")
 
 
 @dataclass(frozen=True)
@@ -58,20 +55,10 @@ class InfGenConfig:
     # (infgen.decode.extrapolate) climbs beyond that in re-encoded steps of at most ×2.
     in_distribution_scale: float = 4.0
     max_output_side: int = 8192  # decode refuses larger sides: a typo of 40960 should not allocate 40 GB
-    # How a mask-token query starts. "learned": the paper's one learned vector + INPE (+ type embedding).
-    # The others add Linear(features bilinearly sampled at the query's own coordinate) to it, a locality
-    # prior: "latent_sample" the raw latent (patches of it when latent_patch_size > 1), "token_sample" the
-    # latent tokens after the input projection, "memory_sample" the memory after latent self-attention.
-    # DEVIATION from the paper, in every preset: "latent_sample" (see the module docstring). Measured with
-    # bench/locality.py: tiny preset, the demo's recipe (8×8 latents → ≤128², batch 4, AdamW 1e-3, cosine to
-    # 1e-3/20, seed 0), held-out PSNR at 2× (stock VAE decoder + bicubic: 30.6 dB), learned → latent_sample:
-    #   the demo's 300-step run                      16.7 → 28.2 dB
-    #   one 2000-step run, at steps 300/1000/2000    16.3/18.8/19.5 → 23.1/28.3/30.3 dB
-    #   same, 100-step linear warm-up first          22.7/27.2/30.3 → 25.1/29.3/30.6 dB
-    #   300-step run with that warm-up               25.2 → 28.2 dB
-    # at the same 0.37 s/step (1 thread). 600-step runs picked the variant: latent_sample 29.0 dB,
-    # token_sample 24.0, memory_sample 23.2, learned 16.7; a zero-initialised Linear (19.9) loses to xavier
-    # (the default).
+    # How a mask-token query starts: "learned" is the paper's one learned vector + INPE (+ type embedding);
+    # "latent_sample" adds Linear(the latent, or its patches when latent_patch_size > 1, sampled bilinearly at
+    # the query's own coordinate). DEVIATION from the paper, in every preset (module docstring); the numbers
+    # that chose it are in bench/README.md ("bench/locality.py").
     # Old checkpoints without this key load as "learned" (from_dict), so their weights still fit.
     query_init: str = "latent_sample"
 
@@ -129,7 +116,8 @@ PRESETS: dict[str, InfGenConfig] = {
         query_blocks=6,
         decoder=PixelDecoderConfig(channels=(64, 128, 256, 256), blocks_per_level=2, mid_blocks=2),
     ),
-    # 253M parameters: the paper-scale default of infgen-paper.md §7.3 (D=1024, 16 heads, 4 + 12 blocks).
+    # 253M parameters: the paper-scale default (D=1024, 16 heads, 4 + 12 blocks; docs/paper.md, "Defaults
+    # where the paper is silent").
     "paper": InfGenConfig(),
 }
 
@@ -165,7 +153,8 @@ class Attention(nn.Module):
         head_dim = width // num_heads
         self.to_q = nn.Linear(width, width)
         self.to_kv = nn.Linear(width, 2 * width)
-        # QK-norm keeps attention logits bounded at large token counts and in bf16 (stability, §7.3).
+        # QK-norm keeps attention logits bounded at large token counts and in bf16 (docs/paper.md, "Defaults
+        # where the paper is silent").
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
         self.out = nn.Linear(width, width)
@@ -250,15 +239,10 @@ class InfGen(nn.Module):
         self.to_tokens = nn.Linear(width, config.decoder.in_channels)
         self.pixel_decoder = PixelDecoder(config.decoder)
         self.query_in = None
-        if config.query_init != "learned":
+        if config.query_init == "latent_sample":
             # Registered and initialised last: every other weight draws the same random numbers as "learned".
-            sampled_channels = {
-                "latent_sample": config.latent_channels * patch * patch,
-                "token_sample": width,
-                "memory_sample": width,
-            }[config.query_init]
             # skip_init: constructing draws no random numbers; initialize_weights sets it.
-            self.query_in = nn.utils.skip_init(nn.Linear, sampled_channels, width)
+            self.query_in = nn.utils.skip_init(nn.Linear, config.latent_channels * patch * patch, width)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -277,7 +261,7 @@ class InfGen(nn.Module):
             nn.init.zeros_(block.mlp.fc2.weight)
         if self.query_in is not None:
             # Xavier like the others, not zero: a zero start (the model then starts as "learned") stayed near
-            # "learned" for hundreds of steps (19.9 against 29.0 dB at 600 steps, bench/locality.py).
+            # "learned" for hundreds of steps (bench/README.md, "bench/locality.py").
             nn.init.xavier_uniform_(self.query_in.weight)
             nn.init.zeros_(self.query_in.bias)
 
@@ -294,22 +278,15 @@ class InfGen(nn.Module):
         patches = F.unfold(latents, kernel_size=patch, stride=patch)  # (B, C·p², T)
         x = self.latent_in(patches.transpose(1, 2))  # (B, T, D)
 
-        def as_map(tokens: torch.Tensor) -> torch.Tensor:  # (B, T, C) → (B, C, rows, cols)
-            return tokens.transpose(1, 2).reshape(batch, -1, grid_rows, grid_cols)
-
-        features = {
-            "learned": None,
-            "latent_sample": patches.reshape(batch, -1, grid_rows, grid_cols),
-            "token_sample": as_map(x) if self.config.query_init == "token_sample" else None,
-        }.get(self.config.query_init)
+        # The map a "latent_sample" query reads: the latent itself, one (patch of a) cell per token position.
+        features = None
+        if self.config.query_init == "latent_sample":
+            features = patches.reshape(batch, -1, grid_rows, grid_cols)
         coords = normalized_grid(grid_rows, grid_cols, self.config.inpe.cell_centres)
         x = x + self.inpe(coords.to(latents.device)).to(x.dtype) + self.token_type[self.LATENT]
         for block in self.latent_blocks:
             x = block(x)
-        memory = self.latent_norm(x)
-        if self.config.query_init == "memory_sample":
-            features = as_map(memory)
-        return memory, features
+        return self.latent_norm(x), features
 
     def sample_features(self, features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Bilinear sample of a (B, C, r, c) feature map at normalised `coords` (N, 2) → (B, N, C).

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-UPSAMPLE_FACTOR = 8  # one mask token per 8×8 output pixels, as in the paper
+# One mask token per 8×8 output pixels, as in the paper. The VAE's downsampling (one latent cell per 8×8 input
+# pixels, infgen.vae.VAE_DOWNSAMPLE_FACTOR) is also 8 for KL-f8 but a separate fact: each may change alone.
+UPSAMPLE_FACTOR = 8
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """INPE: implicit neural positional embedding for grids of any size.
 
-The paper (arXiv 2509.10441, §3.2 as summarised in shared/reference/infgen-paper.md §1.4) gives the pipeline:
-normalise coordinates per axis → project onto the unit sphere → random Fourier features → MLP. The constants
-are not published; the defaults here are the reference's §7.6 choices and every one is a config field.
+The paper (arXiv 2509.10441, its §3.2; docs/paper.md, "INPE") gives the pipeline: normalise coordinates per
+axis → project onto the unit sphere → random Fourier features → MLP. The constants are not published; the
+defaults here are ours (docs/paper.md, "Defaults where the paper is silent") and every one is a config field.
 
 Because the embedding is a function of the *normalised* coordinate only, the latent grid (e.g. 64×64) and the
 mask-token grid (e.g. 128×256) land on one shared scale, and a decoder trained at one output size sees

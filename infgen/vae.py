@@ -1,9 +1,10 @@
 """The frozen KL-f8 VAE around InfGen: its encoder makes the training latents, its decoder is the baseline.
 
 InfGen replaces only the decoder; the encoder stays the latent-diffusion model's own, so that diffusion
-latents plug in unchanged (infgen-paper.md §1.2). For the SD-1.x family (DiT, SiT, SD1.5) that is the
-encoder of `stabilityai/sd-vae-ft-ema` (scaling factor 0.18215); SDXL has its own VAE (0.13025). Scaling and
-shift are read from the VAE's config, never hard-coded, so one class serves every latent space.
+latents plug in unchanged (docs/paper.md, "Architecture"). For the SD-1.x family (DiT, SiT, SD1.5) that is
+the encoder of `stabilityai/sd-vae-ft-ema` (scaling factor 0.18215); SDXL has its own VAE (0.13025). Scaling
+and shift are read from the VAE's config, never hard-coded, so one class serves every latent space.
+diffusers (the `pipeline` extra) is imported only when a VAE is loaded.
 
 Latents follow the diffusers/DiT convention: `(posterior - shift_factor) * scaling_factor`, which is what a
 diffusion model samples, so `decode(encode(x))` and `decode(diffusion_sample)` mean the same thing.
@@ -17,6 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from infgen._extras import import_extra
+
+# Input pixels per latent cell along each side for a KL-f8 VAE (SD-VAE, SDXL-VAE): the factor to assume when a
+# latent's VAE is not at hand. A loaded VAE reports its own (FrozenVAE.downsample_factor). Not the pixel
+# decoder's UPSAMPLE_FACTOR (output pixels per mask token), which is also 8 but a separate choice.
+VAE_DOWNSAMPLE_FACTOR = 8
 VAE_CONFIG_NAME = "config.json"
 PIPELINE_VAE_SUBFOLDER = "vae"  # where a full diffusers pipeline keeps its VAE
 # Images past this magnitude are almost surely in [0, 255] units, not [-1, 1]. The bound is loose on purpose:
@@ -59,7 +66,8 @@ class FrozenVAE:
         A source counts as a local path when it exists, or when it cannot be a hub id (absolute, starts with
         `.` or `~`, or has more than one `/`); a local path that does not exist raises FileNotFoundError.
         """
-        from diffusers import AutoencoderKL  # lazy: `import infgen` must stay fast
+        # Imported here: `import infgen` must stay fast and must work without the pipeline extra.
+        diffusers = import_extra("diffusers", "diffusers", "FrozenVAE.load")
 
         path = Path(source).expanduser()
         if path.exists():
@@ -78,7 +86,7 @@ class FrozenVAE:
             pretrained_name = str(source)  # hub id, e.g. "stabilityai/sd-vae-ft-ema"
 
         # low_cpu_mem_usage=False: the default needs `accelerate`; without it diffusers warns on every load
-        autoencoder = AutoencoderKL.from_pretrained(
+        autoencoder = diffusers.AutoencoderKL.from_pretrained(
             pretrained_name, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False
         )
         source_name = str(path / subfolder) if path.exists() and subfolder else pretrained_name

@@ -1,4 +1,4 @@
-"""infgen.inception and infgen.distribution against clean-fid 0.1.35, analytic values and a forward hook.
+"""infgen.metrics.inception and .distribution against clean-fid 0.1.35, analytic values and a forward hook.
 
 NVIDIA's inception-2015-12-05.pt is not available offline, so the network here is the labelled substitute.
 What is checked does not depend on the weights: that our preprocessing and Fréchet distance give clean-fid's
@@ -23,8 +23,8 @@ from cleanfid.resize import make_resizer
 from PIL import Image
 from torch import nn
 
-from infgen import inception
-from infgen.distribution import (
+from infgen.metrics import inception
+from infgen.metrics.distribution import (
     extract_patches,
     frechet_distance,
     kernel_inception_distance,

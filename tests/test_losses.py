@@ -16,7 +16,7 @@ from infgen.losses import (
     hinge_generator_loss,
     random_crop_pair,
 )
-from infgen.perceptual import TRUNK_ENV_VAR, TRUNKS, default_trunk_path, load_lpips
+from infgen.metrics.perceptual import TRUNK_ENV_VAR, TRUNKS, default_trunk_path, load_lpips
 
 ALEXNET_CONV_INDICES = (0, 3, 6, 8, 10)  # conv layers in torchvision's alexnet().features
 
@@ -194,7 +194,7 @@ def test_decoder_loss_keeps_lpips_frozen_in_train_mode(perceptual):
 
 
 def test_load_lpips_without_weights_warns_about_random_trunk(offline_torch_home, caplog):
-    with caplog.at_level(logging.WARNING, logger="infgen.perceptual"):
+    with caplog.at_level(logging.WARNING, logger="infgen.metrics.perceptual"):
         model = load_lpips()
     assert model.trunk_is_pretrained is False
     assert not model.training
@@ -229,7 +229,7 @@ def assert_trunk_equals(model, path):
 
 
 def test_load_lpips_loads_trunk_from_explicit_path(alexnet_state_path, offline_torch_home, caplog):
-    with caplog.at_level(logging.WARNING, logger="infgen.perceptual"):
+    with caplog.at_level(logging.WARNING, logger="infgen.metrics.perceptual"):
         model = load_lpips(alexnet_state_path)
     assert model.trunk_is_pretrained is True
     assert caplog.records == []

@@ -1,4 +1,4 @@
-"""infgen.metrics against scikit-image on real photographs that scikit-image ships (loaded offline).
+"""PSNR and SSIM (infgen.metrics) against scikit-image on real photographs that scikit-image ships (offline).
 
 Each photograph is cropped to 144x176 (non-square, so a swapped height/width shows up; multiples of 8 for the
 block-DCT distortion) and distorted four ways, so PSNR and SSIM take ordinary, non-trivial values.

@@ -10,8 +10,8 @@ import torch
 from conftest import TINY_VAE_SCALING_FACTOR as SCALING_FACTOR
 from conftest import TINY_VAE_SHIFT_FACTOR as SHIFT_FACTOR
 
-import infgen.embedded_vae as embedded
-from infgen.synthetic import make_image, make_images
+import infgen.substitutes.embedded_vae as embedded
+from infgen.substitutes.synthetic import make_image, make_images
 from infgen.vae import FrozenVAE
 
 

@@ -1,39 +1,37 @@
-"""Inception-v3 features for FID, sFID, KID and precision/recall, preprocessed exactly as clean-fid "clean".
+"""Inception-v3 features for FID, sFID, KID and precision/recall: clean-fid's "clean" features, plus sFID's.
 
-The network is NVIDIA's TorchScript translation of TensorFlow's inception-2015-12-05 graph, the file clean-fid
-(and StyleGAN2-ADA/3) use. clean-fid downloads it to a hard-coded /tmp at first use, which fails on offline
-cluster nodes (shared/reference/ecosystem.md §6), so here it is only ever read from a local path: the
-`weights` argument, else $INFGEN_INCEPTION_WEIGHTS, else clean-fid's own location. Without it a SUBSTITUTE
-network is used, loudly: a seeded random-init torchvision Inception-v3, whose numbers only compare with other
-numbers from the same substitute (`is_substitute` and `name` say so, for the run record).
+clean-fid 0.1.35 supplies the network and its preprocessing, and this module reuses its code for them:
+`cleanfid.inception_torchscript.InceptionV3W` loads NVIDIA's TorchScript translation of TensorFlow's
+inception-2015-12-05 graph and its forward normalises ((x - 128) / 128), runs the TorchScript's `layers` and
+views the result as the (B, 2048) pool_3 features; `cleanfid.resize.build_resizer("clean")` resizes each
+(H, W, 3) uint8 image to 299×299 per channel as float32 PIL images (bicubic, antialiased, clipped to
+[0, 255], not rounded back to 8 bits). The tests check that our FID equals clean-fid's
+`compute_fid(mode="clean", custom_feat_extractor=...)` on the same images.
 
-Preprocessing (cleanfid 0.1.35, compute_fid → compare_folders → get_folder_features → ResizeDataset):
-  1. each image as an (H, W, 3) uint8 array (PIL `.convert("RGB")` in clean-fid; our inputs are uint8 too);
-  2. clean-fid's own resizer `make_resizer("PIL", quantize_after=False, "bicubic", (299, 299))`, reused here:
-     each channel is resized separately as a float32 PIL "F" image with bicubic (antialiased) filtering and
-     clipped to [0, 255], with no rounding back to 8 bits;
-  3. ToTensor of a float32 array only transposes to (3, 299, 299): values stay in [0, 255];
-  4. InceptionV3W.forward (clean mode, resize_inside=False): (x - 128) / 128, then `base.layers`, then
-     `.view(B, 2048)`, the pool_3 features.
-The tests check that our FID equals `compute_fid(mode="clean", custom_feat_extractor=...)` on the same images.
+What clean-fid lacks, and this module adds:
 
-sFID features follow OpenAI's ADM evaluator (guided-diffusion evaluations/evaluator.py): the TF tensor
-"mixed_6/conv:0", the ReLU output of the 1×1 branch of the third Inception-C 17×17 block (torchvision's
-Mixed_6d.branch1x1, 192 channels), first 7 channels, flattened per image. TF tensors are NHWC, so ADM's
-`spatial[..., :7].reshape(B, -1)` is channel-fastest: index (h * 17 + w) * 7 + c. We permute our NCHW output
-to that order. (The Fréchet distance is invariant to a fixed permutation of coordinates, so the order only
-matters for anyone comparing feature arrays.) Note that ADM feeds images through TF's own bilinear resize,
-while we use clean-fid's bicubic one for both FID and sFID: our sFID uses ADM's features but is not
-numerically ADM's sFID.
+- The weights only ever come from a local path: the `weights` argument, else $INFGEN_INCEPTION_WEIGHTS, else
+  clean-fid's own location. clean-fid downloads the file to a hard-coded /tmp at first use, which fails on
+  offline cluster nodes (docs/dependencies.md, "clean-fid and LPIPS"); this module never downloads.
+- Without weights, a SUBSTITUTE network, loudly: a seeded random-init torchvision Inception-v3, whose numbers
+  only compare with other numbers from the same substitute (`is_substitute` and `name` say so, for the run
+  record). It runs through the same InceptionV3W forward.
+- sFID's spatial features, after OpenAI's ADM evaluator (guided-diffusion evaluations/evaluator.py): the TF
+  tensor "mixed_6/conv:0", the ReLU output of the 1×1 branch of the third Inception-C 17×17 block
+  (torchvision's Mixed_6d.branch1x1, 192 channels), first 7 channels, flattened per image in TF's NHWC order
+  (channel fastest: index (h * 17 + w) * 7 + c), as ADM's `spatial[..., :7].reshape(B, -1)`. ADM resizes
+  with TF's bilinear resize, we with clean-fid's bicubic one: our sFID uses ADM's features but is not
+  numerically ADM's sFID.
+- The tap's verification. The TorchScript's `layers` is a straight chain of TF-named stages (conv, conv_1,
+  conv_2, pool0, conv_3, conv_4, pool1, mixed, mixed_1, ..., mixed_10, pool2), and each mixed block
+  concatenates its branches with the 1×1 `conv` branch first (as read from the scripted code, e.g. the code
+  dump in a public PaddlePaddle port of this file; we could not open the file itself). So InceptionTrunk runs
+  those stages in order in place of `layers`, applying `layers.mixed_6.conv` to mixed_5's output on the side.
+  Because that rests on reading, not on the file, every load VERIFIES it on a probe image: the chained stages
+  must reproduce clean-fid's own features, and mixed_6's output must begin with `mixed_6.conv`'s output;
+  otherwise loading fails.
 
-Getting mixed_6/conv out of the TorchScript: its `layers` module is a straight chain of TF-named stages
-(conv, conv_1, conv_2, pool0, conv_3, conv_4, pool1, mixed, mixed_1, ..., mixed_10, pool2), and each mixed
-block concatenates its branches with the 1×1 `conv` branch first (as read from the scripted code, e.g. the
-code dump in a public PaddlePaddle port of this file; we could not open the file itself). So we run the
-`layers` children in order up to mixed_5 and apply `layers.mixed_6.conv` to mixed_5's output. Because that
-rests on reading, not on the file, every load VERIFIES it on a probe image: the chained stages must reproduce
-`layers(x)` (what clean-fid computes), and mixed_6's output must begin with `mixed_6.conv`'s output; otherwise
-loading fails.
+clean-fid is in the `pipeline` extra: without it, importing this module raises ImportError saying so.
 """
 
 from __future__ import annotations
@@ -41,6 +39,8 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,18 +48,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from cleanfid.resize import make_resizer
 from torch import nn
 
-from infgen.local_weights import find_local_weights
+from infgen._extras import import_extra
+from infgen.metrics.local_weights import find_local_weights
+
+_CLEAN_FID_FEATURE = "infgen.metrics.inception (FID, sFID, KID, precision/recall features)"
+InceptionV3W = import_extra("cleanfid.inception_torchscript", "clean-fid", _CLEAN_FID_FEATURE).InceptionV3W
+build_resizer = import_extra("cleanfid.resize", "clean-fid", _CLEAN_FID_FEATURE).build_resizer
+WEIGHTS_URL = import_extra("cleanfid.downloads_helper", "clean-fid", _CLEAN_FID_FEATURE).inception_url
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_ENV_VAR = "INFGEN_INCEPTION_WEIGHTS"
-WEIGHTS_FILE_NAME = "inception-2015-12-05.pt"
-WEIGHTS_URL = (
-    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-)
+WEIGHTS_FILE_NAME = "inception-2015-12-05.pt"  # the name InceptionV3W loads from the directory it is given
 
 INPUT_SIZE = 299
 POOL_DIMENSION = 2048
@@ -88,10 +90,13 @@ def default_weights_path() -> Path:
 
 
 class InceptionTrunk(nn.Module):
-    """Resized images (B, 3, 299, 299), float in [0, 255] → (pool (B, 2048), spatial (B, 2023)), one pass.
+    """The network's `layers` taken apart at mixed_6, so that sFID's mixed_6/conv can be read on the way.
 
-    `stages_before_mixed_6` then `stages_from_mixed_6` are the network's pool_3 path in order;
-    `spatial_branch` is mixed_6's 1×1 branch, applied to the input of mixed_6 on the side.
+    It runs as the `layers` of a clean-fid InceptionV3W: normalised images (B, 3, 299, 299) → the pool_3 map
+    (B, 2048, 1, 1), which InceptionV3W.forward views as (B, 2048). `stages_before_mixed_6` then
+    `stages_from_mixed_6` are the pool_3 path in order; `spatial_branch` is mixed_6's 1×1 branch, applied to
+    mixed_6's input on the side. The spatial features (B, 2023) of the latest call are left in `spatial`,
+    for the caller to take right after it (InceptionFeatures.features does, one batch at a time).
     """
 
     def __init__(
@@ -104,30 +109,34 @@ class InceptionTrunk(nn.Module):
         self.stages_before_mixed_6 = nn.ModuleList(stages_before_mixed_6)
         self.spatial_branch = spatial_branch
         self.stages_from_mixed_6 = nn.ModuleList(stages_from_mixed_6)
+        self.spatial: torch.Tensor | None = None
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_size = images.shape[0]
-        # Exactly InceptionV3W's two steps (x1 = x - 128; x2 = x1 / 128), so the floats round the same way.
-        hidden = (images - 128) / 128
+    def forward(self, normalised: torch.Tensor) -> torch.Tensor:
+        hidden = normalised
         for stage in self.stages_before_mixed_6:
             hidden = stage(hidden)
         branch = self.spatial_branch(hidden)  # (B, 192, 17, 17), NCHW
         # TF's NHWC flatten order, as ADM's evaluator: channel fastest.
-        spatial = branch[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(batch_size, -1)
+        self.spatial = branch[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(normalised.shape[0], -1)
         for stage in self.stages_from_mixed_6:
             hidden = stage(hidden)
-        return hidden.reshape(batch_size, POOL_DIMENSION), spatial
+        return hidden
 
 
-class CleanFidPoolFeatures(nn.Module):
-    """The trunk as clean-fid's `custom_feat_extractor`: its resized [0, 255] batch → (B, 2048) pool_3."""
+def _clean_fid_network(layers: nn.Module) -> nn.Module:
+    """clean-fid's InceptionV3W in "clean" mode running `layers`, built without reading a file.
 
-    def __init__(self, trunk: InceptionTrunk) -> None:
-        super().__init__()
-        self.trunk = trunk
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.trunk(images)[0]
+    Its forward is clean-fid's whole feature computation: (x - 128) / 128, `layers`, view as (B, 2048).
+    InceptionV3W.__init__ only loads the TorchScript file (downloading it when absent) and takes its `layers`,
+    so it is skipped here.
+    """
+    network = InceptionV3W.__new__(InceptionV3W)
+    nn.Module.__init__(network)
+    network.layers = layers
+    # Clean mode: images arrive resized to 299² (build_resizer("clean")); only resize_inside=True would use
+    # InceptionV3W's `base`, the whole TorchScript, which is therefore not needed here.
+    network.resize_inside = False
+    return network
 
 
 class InceptionFeatures:
@@ -157,8 +166,8 @@ class InceptionFeatures:
         self.weights_path = weights_path
         self.device = device
         self.batch_size = batch_size
-        # The resizer clean-fid's "clean" mode builds (cleanfid.resize.build_resizer("clean")).
-        self._resize = make_resizer("PIL", False, "bicubic", (INPUT_SIZE, INPUT_SIZE))
+        self._clean_fid_network = _clean_fid_network(trunk)
+        self._resize = build_resizer("clean")
 
     def __repr__(self) -> str:
         return f"InceptionFeatures(name={self.name!r}, device={self.device})"
@@ -167,7 +176,7 @@ class InceptionFeatures:
         return self.features(images)
 
     def resize(self, image: np.ndarray) -> np.ndarray:
-        """One (H, W, 3) uint8 image → (299, 299, 3) float32 in [0, 255], as clean-fid's "clean" mode does."""
+        """One (H, W, 3) uint8 image → (299, 299, 3) float32 in [0, 255], clean-fid's "clean" resize."""
         return self._resize(np.ascontiguousarray(image))
 
     def features(self, images: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]) -> dict:
@@ -179,12 +188,13 @@ class InceptionFeatures:
         pools, spatials = [], []
         for start in range(0, len(image_list), self.batch_size):
             chunk = image_list[start : start + self.batch_size]
-            # ToTensor of a float32 (H, W, 3) array: a transpose to (3, H, W), no rescaling.
+            # clean-fid's ToTensor of a float32 (H, W, 3) array: a transpose to (3, H, W), no rescaling.
             resized = torch.stack(
                 [torch.from_numpy(self.resize(image).transpose(2, 0, 1)) for image in chunk]
             )
             with torch.inference_mode():
-                pool, spatial = self.trunk(resized.float().contiguous().to(self.device))
+                pool = self._clean_fid_network(resized.float().contiguous().to(self.device))
+                spatial = self.trunk.spatial  # computed by that same call
             pools.append(pool.cpu().numpy())
             spatials.append(spatial.cpu().numpy())
         return {
@@ -193,8 +203,9 @@ class InceptionFeatures:
         }
 
     def clean_fid_module(self) -> nn.Module:
-        """An nn.Module for `cleanfid.fid.compute_fid(custom_feat_extractor=...)`: same trunk, pool_3 only."""
-        return CleanFidPoolFeatures(self.trunk)
+        """The module for `cleanfid.fid.compute_fid(custom_feat_extractor=...)`: clean-fid's InceptionV3W
+        (its forward, pool_3 only) on this extractor's network."""
+        return self._clean_fid_network
 
 
 def load_inception(
@@ -285,27 +296,35 @@ def _torchvision_reference_pool(network: nn.Module) -> Callable[[torch.Tensor], 
     return reference_pool
 
 
+def _load_with_clean_fid(path: Path) -> nn.Module:
+    """InceptionV3W(directory, download=False): clean-fid's own loader, which reads `WEIGHTS_FILE_NAME` in
+    the directory it is given; a file under another name is linked under that name in a temporary one."""
+    with warnings.catch_warnings():
+        # torch 2.14 deprecates TorchScript; this file only exists as TorchScript, so the warning is noise.
+        warnings.filterwarnings(
+            "ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning
+        )
+        if path.name == WEIGHTS_FILE_NAME:
+            return InceptionV3W(str(path.parent), download=False, resize_inside=False)
+        directory = Path(tempfile.mkdtemp(prefix="infgen-inception-"))
+        try:
+            (directory / WEIGHTS_FILE_NAME).symlink_to(path.resolve())
+            return InceptionV3W(str(directory), download=False, resize_inside=False)
+        finally:
+            shutil.rmtree(directory)  # torch.jit.load has read the whole file
+
+
 def _trunk_from_torchscript(path: Path) -> tuple[nn.Module, InceptionTrunk, Callable]:
-    """Load the TorchScript as clean-fid's InceptionV3W does (torch.jit.load(...).eval(), `.layers`)."""
+    """Load the TorchScript with clean-fid's InceptionV3W and split its `layers` at mixed_6."""
     expected = f"expected NVIDIA's TorchScript {WEIGHTS_FILE_NAME} from {WEIGHTS_URL}"
     try:
-        with warnings.catch_warnings():
-            # torch 2.14 deprecates TorchScript; this file only exists as TorchScript, so the warning is
-            # noise.
-            warnings.filterwarnings(
-                "ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning
-            )
-            base = torch.jit.load(str(path), map_location="cpu").eval()
+        clean_fid = _load_with_clean_fid(path)
     except Exception as error:  # torch raises RuntimeError for most bad files, but other types for some
         raise ValueError(
-            f"Inception weights {path} cannot be loaded as TorchScript ({type(error).__name__}: {error}); "
-            f"{expected}"
+            f"Inception weights {path} cannot be loaded as TorchScript with a `layers` submodule by "
+            f"clean-fid's InceptionV3W ({type(error).__name__}: {error}); {expected}"
         ) from error
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.Module):
-        raise ValueError(
-            f"Inception weights {path} have no `layers` submodule (clean-fid needs it); {expected}"
-        )
+    base, layers = clean_fid.base, clean_fid.layers
     stages = list(layers.named_children())
     names = [name for name, _ in stages]
     if (
@@ -326,35 +345,29 @@ def _trunk_from_torchscript(path: Path) -> tuple[nn.Module, InceptionTrunk, Call
     trunk = InceptionTrunk(
         [module for _, module in stages[:split]], spatial_branch, [module for _, module in stages[split:]]
     )
-
-    def reference_pool(images: torch.Tensor) -> torch.Tensor:
-        # InceptionV3W.forward in clean mode, verbatim.
-        return layers.forward((images - 128) / 128).view((images.shape[0], POOL_DIMENSION))
-
-    return base, trunk, reference_pool
+    return base, trunk, clean_fid.forward  # clean-fid's features with the untouched `layers`, the reference
 
 
 def _verify_trunk(trunk: InceptionTrunk, reference_pool: Callable, source: str, device: torch.device) -> None:
     """Check on a probe image that the trunk computes what the network computes; raise ValueError if not.
 
-    Two facts are checked: chaining the stages one by one reproduces the network's own pool_3 (so the stage
-    list is the whole path, in order), and mixed_6's output starts with the spatial branch's output (so that
-    branch is the 1×1 branch, applied to mixed_6's input, after its ReLU).
+    Two facts are checked: the stages chained in clean-fid's InceptionV3W forward reproduce the network's own
+    pool_3 (so the stage list is the whole path, in order), and mixed_6's output starts with the spatial
+    branch's output (so that branch is the 1×1 branch, applied to mixed_6's input, after its ReLU).
     """
     generator = torch.Generator().manual_seed(0)
     probe = (torch.rand(1, 3, INPUT_SIZE, INPUT_SIZE, generator=generator) * 255).to(device)
     try:
         with torch.inference_mode():
             expected_pool = reference_pool(probe)
-            # trunk.forward's steps, one at a time, so mixed_6's whole output can be compared with the branch.
+            pool = _clean_fid_network(trunk)(probe)
+            # The stages before mixed_6 once more (after InceptionV3W.forward's normalisation), to compare
+            # mixed_6's whole output with the branch's.
             hidden = (probe - 128) / 128
             for stage in trunk.stages_before_mixed_6:
                 hidden = stage(hidden)
             branch = trunk.spatial_branch(hidden)
-            block = hidden = trunk.stages_from_mixed_6[0](hidden)
-            for stage in trunk.stages_from_mixed_6[1:]:
-                hidden = stage(hidden)
-            pool = hidden.reshape(1, -1)
+            block = trunk.stages_from_mixed_6[0](hidden)
     except Exception as error:  # a scripted submodule without a usable forward, wrong shapes, ...
         raise ValueError(f"Inception network from {source} cannot be run stage by stage: {error}") from error
     if tuple(branch.shape[2:]) != (SPATIAL_SIDE, SPATIAL_SIDE) or branch.shape[1] < SPATIAL_CHANNELS:

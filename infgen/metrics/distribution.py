@@ -1,14 +1,16 @@
 """Distribution metrics on feature arrays (FID, sFID, KID, precision/recall) and patch crops for FIDp/sFIDp.
 
-Everything here takes float64 numpy arrays of shape (N, D), one row per image, as infgen.inception returns
-them: FID is `frechet_distance` on the "pool" features, sFID the same on the "spatial" features. The Fréchet
-distance and KID reproduce clean-fid 0.1.35 (cleanfid/fid.py) operation for operation, so values agree with
-clean-fid's on the same features; the tests check both.
+Everything here takes float64 numpy arrays of shape (N, D), one row per image, as infgen.metrics.inception
+returns them: FID is `frechet_distance` on the "pool" features, sFID the same on the "spatial" features. The
+Fréchet distance and KID reproduce clean-fid 0.1.35 (cleanfid/fid.py) operation for operation, so values
+agree with clean-fid's on the same features; the tests check both.
 
 Patch metrics (FIDp/sFIDp) compare crops taken at native resolution, so that a high-resolution decoder is
 judged on its detail rather than on a 299×299 thumbnail; `patch_boxes` and `extract_patches` choose and cut
-them. The paper never defined its FIDp protocol (shared/reference/infgen-paper.md §4), so crop size, count,
+them. The paper never defined its FIDp protocol (docs/paper.md, "Evaluation protocol"), so crop size, count,
 mode and seed are all arguments, to be recorded with the numbers.
+
+scipy (the `pipeline` extra) is imported by `frechet_distance` only, for its matrix square root.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import logging
 
 import numpy as np
 import torch
-from scipy import linalg
+
+from infgen._extras import import_extra
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, eps: float 
     _check_same_dimension(features_a, features_b)
     if max(len(features_a), len(features_b)) < features_a.shape[1]:
         return _low_rank_frechet_distance(features_a, features_b)
+    linalg = import_extra("scipy.linalg", "scipy", "The Fréchet distance (FID, sFID)")
     mean_a, covariance_a = np.mean(features_a, axis=0), np.atleast_2d(np.cov(features_a, rowvar=False))
     mean_b, covariance_b = np.mean(features_b, axis=0), np.atleast_2d(np.cov(features_b, rowvar=False))
     difference = mean_a - mean_b

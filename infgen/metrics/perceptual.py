@@ -1,10 +1,11 @@
 """A frozen LPIPS network that never touches the network.
 
 `lpips.LPIPS(pnet_rand=False)` asks torchvision for ImageNet trunk weights, which downloads them when they
-are not cached and so fails on offline cluster nodes (shared/reference/ecosystem.md §6). Here LPIPS is built
-with a random trunk (its calibrated linear heads ship inside the lpips wheel), and the ImageNet trunk is then
-loaded from a local torchvision state dict file. Without that file LPIPS keeps the random trunk, with a loud
-warning, and the returned module's `trunk_is_pretrained` attribute is False, so callers can label the numbers.
+are not cached and so fails on offline cluster nodes (docs/dependencies.md, "clean-fid and LPIPS"). Here
+LPIPS is built with a random trunk (its calibrated linear heads ship inside the lpips wheel), and the ImageNet
+trunk is then loaded from a local torchvision state dict file. Without that file LPIPS keeps the random trunk,
+with a loud warning, and the returned module's `trunk_is_pretrained` attribute is False, so callers can label
+the numbers. lpips comes with the `pipeline` extra and is imported by `load_lpips` only.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import logging
 import pickle
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lpips
 import torch
 import torchvision
 from torch import nn
 
-from infgen.local_weights import find_local_weights
+from infgen._extras import import_extra
+from infgen.metrics.local_weights import find_local_weights
+
+if TYPE_CHECKING:
+    import lpips
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ def load_lpips(trunk_weights: str | Path | None = None, net: str = "alex") -> lp
     """
     if net not in TRUNKS:
         raise ValueError(f"unknown LPIPS net {net!r}; expected one of {sorted(TRUNKS)}")
+    # lpips is in the pipeline extra only; the trunk helpers above work without it.
+    lpips = import_extra("lpips", "lpips", "LPIPS (infgen.metrics.perceptual.load_lpips)")
     path = _find_trunk_weights(trunk_weights, net)
     # The random trunk (when no weights are found) must be the same network in every process, or LPIPS values
     # from different Ray workers would not be comparable: build it from a fixed seed, leaving the caller's

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infgen.synthetic import make_image
+from infgen._extras import import_extra
+from infgen.substitutes.synthetic import make_image
 from infgen.vae import FrozenVAE
 
 # Bump when the training code changes in a way the constants below do not capture: it invalidates old caches.
@@ -84,8 +85,9 @@ FOLDER_PREFIX = "embedded-vae-kl-f8-"
 RECIPE_FILE = "recipe.json"  # written next to the weights: the recipe and what training measured
 
 SUBSTITUTE_NOTICE = (
-    "OFFLINE SUBSTITUTE VAE: a small KL-f8 AutoencoderKL trained on synthetic images (infgen.synthetic), "
-    "NOT SD-VAE. Its latents are not SD latents and its reconstructions are far below SD-VAE quality."
+    "OFFLINE SUBSTITUTE VAE: a small KL-f8 AutoencoderKL trained on synthetic images "
+    "(infgen.substitutes.synthetic), NOT SD-VAE. Its latents are not SD latents and its reconstructions are "
+    "far below SD-VAE quality."
 )
 
 
@@ -156,7 +158,9 @@ def embedded_vae_directory(
 
 def _train(steps: int, seed: int, log: Callable[[str], None]):
     """Train a fresh AutoencoderKL on random crops of a synthetic image pool; returns (model, final loss)."""
-    from diffusers import AutoencoderKL  # lazy: `import infgen` must stay fast
+    # Imported here, as in FrozenVAE.load: diffusers is in the pipeline extra only (a clear error without it).
+    import_extra("diffusers", "diffusers", "The embedded substitute VAE")
+    from diffusers import AutoencoderKL
 
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -217,7 +221,7 @@ def _train(steps: int, seed: int, log: Callable[[str], None]):
 
 @torch.no_grad()
 def _average_pool_init(autoencoder) -> None:
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention  # its argument is a diffusers model already
     from diffusers.models.resnet import ResnetBlock2D
 
     config = autoencoder.config
