@@ -67,8 +67,8 @@ def write_image_shards(directory: Path, count: int, per_shard: int) -> None:
 
 def bare_loop(images: Path, config) -> int:
     """One process, both cores to torch: the same per-sample work, no Ray and no Parquet output."""
+    from pipelines.common.vae_source import load_frozen_vae
     from pipelines.latents.encode import _encode_batch, _samples
-    from pipelines.latents.vae_source import load_frozen_vae
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     vae, _ = load_frozen_vae(config.vae)
@@ -105,9 +105,9 @@ def shard_timeline(latents: Path, stage_start: float, stage_end: float) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from jobs.ray_session import connect_ray
+    from pipelines.common.vae_source import load_frozen_vae
     from pipelines.latents.config import EMBEDDED, LatentConfig
     from pipelines.latents.stage import run_latents
-    from pipelines.latents.vae_source import load_frozen_vae
 
     config = EMBEDDED if args.preset == "embedded" else LatentConfig()
     config = dataclasses.replace(config, vae=args.vae)

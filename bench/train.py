@@ -67,19 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(config, device: str):
     import infgen
-    from infgen.discriminator import DiscriminatorConfig
-    from infgen.losses import DecoderLoss, LossConfig
+    from infgen.losses import DecoderLoss
     from pipelines.training.loop import parameter_groups
 
     torch.manual_seed(config.seed)
     model = infgen.InfGen(infgen.preset(config.model_preset, **config.model_overrides)).to(device)
-    loss = DecoderLoss(
-        LossConfig(
-            perceptual_crop=config.loss_crop,
-            gan_start_step=config.gan_start_step,
-            discriminator=DiscriminatorConfig(base_channels=config.discriminator_channels, norm_groups=16),
-        )
-    ).to(device)
+    loss = DecoderLoss(config.loss).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.99))
     d_optimizer = torch.optim.AdamW(
         loss.discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0
@@ -114,10 +107,9 @@ def cpu_mode(args) -> list[str]:
 
     import ray
 
-    from jobs.cli import build_parser
-    from jobs.ingest_command import run_ingest_command
-    from jobs.latents_command import run_latents_command
+    from jobs.cli import run_arguments
     from jobs.ray_session import connect_ray
+    from pipelines.common.tracking import StageTracking
     from pipelines.training.config import STAGE1_SMALL
     from pipelines.training.data import LatentBatches
     from pipelines.training.stage import run_training
@@ -126,17 +118,16 @@ def cpu_mode(args) -> list[str]:
     connect_ray()
     total = args.warmup + args.steps
     config = dataclasses.replace(
-        STAGE1_SMALL, steps=total, num_workers=1, global_batch=args.batch, gan_start_step=0,
-        checkpoint_every=10**9, log_every=10**9,
-    )  # fmt: skip
+        STAGE1_SMALL, steps=total, num_workers=1, global_batch=args.batch, checkpoint_every=10**9,
+        log_every=10**9,
+    ).with_gan_start(0)  # fmt: skip
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    parse = build_parser().parse_args
     tracking = f"sqlite:///{scratch / 'mlflow.db'}"
-    run_ingest_command(parse(["ingest", "--embedded", "60", "--output", str(scratch / "ingest"),
-                              "--samples-per-shard", "20", "--tracking-uri", tracking]))  # fmt: skip
+    run_arguments(["ingest", "--embedded", "60", "--output", str(scratch / "ingest"),
+                   "--samples-per-shard", "20", "--tracking-uri", tracking])  # fmt: skip
     images, latents = str(scratch / "ingest" / "images"), str(scratch / "latents")
-    run_latents_command(parse(["latents", "--images", images, "--output", latents, "--preset", "embedded",
-                               "--tracking-uri", tracking]))  # fmt: skip
+    run_arguments(["latents", "--images", images, "--output", latents, "--preset", "embedded",
+                   "--tracking-uri", tracking])  # fmt: skip
 
     # Plain loop first (Ray idle but started, as in the other run), the same threads as one Ray worker.
     threads = 1
@@ -150,7 +141,7 @@ def cpu_mode(args) -> list[str]:
         plain_step(parts, batch_latents, truth, step, autocast=False)
         plain.append(time.perf_counter() - started)
 
-    run_training(config, latents, images, str(scratch / "train"), "bench", tracking)
+    run_training(config, latents, images, str(scratch / "train" / "bench"), StageTracking(tracking))
     log = [
         json.loads(line) for line in (scratch / "train" / "bench" / "losses.jsonl").read_text().splitlines()
     ]
@@ -180,10 +171,10 @@ def in_process_config(args, checkpointing: bool):
 
     base = STAGE1_SMALL if args.model_preset == STAGE1_SMALL.model_preset else STAGE1
     return dataclasses.replace(
-        base, model_preset=args.model_preset, global_batch=args.batch, num_workers=1, gan_start_step=0,
+        base, model_preset=args.model_preset, global_batch=args.batch, num_workers=1,
         precision=args.precision, zero_stage=STAGE1.zero_stage, activation_checkpointing=checkpointing,
         use_gpu=args.device == "cuda",
-    )  # fmt: skip
+    ).with_gan_start(0)  # fmt: skip
 
 
 def random_batch(args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +306,8 @@ def in_process_mode(args) -> list[str]:
         versions += f", deepspeed {deepspeed.__version__} ({backend}, 1 rank)"
     lines = [
         f"Training step, {name}, preset `{config.model_preset}` ({parameters / 1e6:.1f}M), "
-        f"4×{args.latent}² → {args.target}², batch {args.batch}, GAN + LPIPS on {config.loss_crop}² crops, "
+        f"4×{args.latent}² → {args.target}², batch {args.batch}, "
+        f"GAN + LPIPS on {config.loss.perceptual_crop}² crops, "
         f"median of {args.steps} steps after {args.warmup} warm-up, {versions}",
         "",
         "plain: fp32 weights, bf16 autocast, torch AdamW, clipping, EMA; DeepSpeed: loop.py's "

@@ -38,6 +38,11 @@ def read_metadata(path: str | Path) -> dict:
     return _read_sidecar(_checkpoint_dir(path))["metadata"]
 
 
+def read_config(path: str | Path) -> InfGenConfig:
+    """The checkpoint's InfGenConfig, without loading its weights."""
+    return InfGenConfig.from_dict(_read_sidecar(_checkpoint_dir(path))["config"])
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> InfGen:
     """Return a ready (eval-mode) InfGen from a checkpoint directory or its model.safetensors file."""
     directory = _checkpoint_dir(path)

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-import infgen
-from infgen.decode import extrapolation_sizes, parse_size
-from infgen.images import save_png
+from jobs.options import option
 
 
-def load_latents(path: str | Path) -> torch.Tensor:
+@dataclass(frozen=True, kw_only=True)
+class DecodeOptions:
+    checkpoint: str = option(help="InfGen checkpoint directory (config.json + weights)")
+    latents: str = option(help=".npy of shape (C, h, w) or (B, C, h, w), scaled")
+    size: str = option(help="output HEIGHTxWIDTH, e.g. 2160x3840")
+    out: str = option(help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
+    vae: str | None = option(
+        None,
+        help="frozen VAE (diffusers dir or hub id) for re-encoding: needed only beyond the training range",
+    )
+    device: str = option("cpu", help="torch device")
+    dtype: str = option("float32", choices=("float32", "bfloat16"), help="weights and activations")
+    query_chunk: int = option(16384, help="mask tokens decoded at once")
+    tile_cells: int = option(64, help="pixel-decoder tile side, in 8-px cells")
+
+
+def load_latents(path: str | Path):
     """(C, h, w) or (B, C, h, w) float array from a .npy file, as a (B, C, h, w) float32 tensor."""
+    import numpy as np
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"latents file {path} does not exist")
@@ -31,7 +45,14 @@ def load_latents(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32))
 
 
-def run_decode(args: argparse.Namespace) -> list[Path]:
+def run_decode(args: DecodeOptions, context=None) -> list[Path]:
+    import torch
+
+    import infgen
+    from infgen.decode import extrapolation_sizes, parse_size
+    from infgen.images import save_png
+    from infgen.vae import VAE_DOWNSAMPLE_FACTOR
+
     size = parse_size(args.size)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = infgen.load(args.checkpoint, device=args.device, dtype=dtype)
@@ -44,7 +65,7 @@ def run_decode(args: argparse.Namespace) -> list[Path]:
             raise ValueError(
                 f"size {size[0]}x{size[1]} is beyond this decoder's training range "
                 f"({model.config.in_distribution_scale}x the latent's "
-                f"{latents.shape[2] * 8}x{latents.shape[3] * 8}):"
+                f"{latents.shape[2] * VAE_DOWNSAMPLE_FACTOR}x{latents.shape[3] * VAE_DOWNSAMPLE_FACTOR}):"
                 f" pass --vae so it can extrapolate in {len(steps)} steps {steps}"
             )
         from infgen.vae import FrozenVAE

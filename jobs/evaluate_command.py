@@ -5,149 +5,106 @@ diffusion models, at several sizes: FID/KID/sFID, FIDp/sFIDp, precision/recall, 
         [--latent-file dit=DIT_SAMPLES.npz ...] [--diffusers-pipeline dit=DIT_DIR ...] \\
         [--preset paper|embedded]
 
-Rerunning the same command after a crash scores only the missing chunks.
+With --latents, the held-out images are those the latent stage kept out, encoded with its VAE at its input
+side. Without it every image of --images is evaluated (an ingest kept apart), encoded as --vae and
+--input-side say. Rerunning the same command after a crash scores only the missing chunks.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+from dataclasses import dataclass
 
-from jobs.stage_tracking import add_tracking_arguments
+from jobs.context import RunContext
+from jobs.options import option
 
-PRESETS = ("paper", "embedded")
+
+def preset_names() -> tuple[str, ...]:
+    from pipelines.evaluation.config import PRESETS
+
+    return tuple(PRESETS)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--decoder", required=True, help="InfGen decoder directory (e.g. train's final_decoder)"
+@dataclass(frozen=True, kw_only=True)
+class EvaluateOptions:
+    decoder: str = option(help="InfGen decoder directory (e.g. train's final_decoder)")
+    images: str = option(help="the ingest stage's images/ folder (ground truth)")
+    latents: str | None = option(
+        None, help="the latent stage's output: its held-out images are evaluated (default: all images)"
     )
-    parser.add_argument("--images", required=True, help="the ingest stage's images/ folder (ground truth)")
-    parser.add_argument(
-        "--latents", help="the latent stage's output: its held-out images are evaluated (default: all images)"
-    )
-    parser.add_argument("--output", required=True, help="evaluation folder (local or fsspec URL)")
-    parser.add_argument("--preset", choices=PRESETS, default="paper", help="sizes and patch protocol")
-    parser.add_argument("--sizes", nargs="+", help="target sizes, e.g. 512 1024 768x1344 (default: preset's)")
-    parser.add_argument(
-        "--latent-file", action="append", default=[], metavar="NAME=PATH",
-        help="scaled latents (N, 4, h, w) in .npy/.npz/.pt/.parquet, e.g. dit=samples.npz (repeatable)",
+    preset: str = option("paper", choices=preset_names, help="sizes and patch protocol")
+    sizes: list[str] = option([], help="target sizes, e.g. 512 1024 768x1344 (default: the preset's)")
+    latent_file: list[str] = option(
+        [], repeat=True, metavar="NAME=PATH",
+        help="scaled latents (N, C, h, w) in .npy/.npz/.pt/.parquet, e.g. dit=samples.npz (repeatable)",
     )  # fmt: skip
-    parser.add_argument(
-        "--diffusers-pipeline", action="append", default=[], metavar="NAME=DIR",
+    diffusers_pipeline: list[str] = option(
+        [], repeat=True, metavar="NAME=DIR",
         help="a local diffusers pipeline (e.g. DiTPipeline) to sample latents from (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--max-images", type=int, help="images per source (paper preset: 10,000)")
-    parser.add_argument("--patches-per-image", type=int, help="FIDp/sFIDp patches per image (paper: 10)")
-    parser.add_argument("--patch-mode", choices=("random", "grid"), help="patch positions (default random)")
-    parser.add_argument("--vae", help="stock VAE (diffusers dir or hub id; default: embedded substitute)")
-    parser.add_argument("--inception", help="clean-fid's inception-2015-12-05.pt (default: its usual place)")
-    parser.add_argument("--lpips-trunk", help="torchvision AlexNet weights for LPIPS")
-    parser.add_argument("--workers", type=int, help="evaluation actors (one GPU each when there are GPUs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else embedded)")
-    add_tracking_arguments(parser)
+    max_images: int | None = option(None, help="images per source (paper preset: 10,000)")
+    patches_per_image: int | None = option(None, help="FIDp/sFIDp patches per image (paper: 10)")
+    patch_mode: str | None = option(None, choices=("random", "grid"), help="patch positions (default random)")
+    vae: str | None = option(
+        None, help="without --latents: the stock VAE (diffusers dir or hub id; default: embedded substitute)"
+    )
+    input_side: int | None = option(
+        None, help="without --latents: the encoder input side of the held-out crops"
+    )
+    inception: str | None = option(
+        None, help="clean-fid's inception-2015-12-05.pt (default: its usual place)"
+    )
+    lpips_trunk: str | None = option(None, help="torchvision AlexNet weights for LPIPS")
+    workers: int | None = option(None, help="evaluation actors (one GPU each when there are GPUs)")
+    seed: int = option(0, help="patch positions and sampled latents")
+    output: str = option(help="evaluation folder (local or fsspec URL)")
 
 
-def named_paths(values: list[str], option: str) -> dict[str, str]:
+def resource_fields() -> tuple[str, ...]:
+    from pipelines.evaluation.config import EvalConfig
+
+    return EvalConfig.RESOURCE_FIELDS
+
+
+def named_paths(values: list[str], option_name: str) -> dict[str, str]:
     named = {}
     for value in values:
         name, separator, path = value.partition("=")
         if not separator or not name or not path:
-            raise ValueError(f"{option} {value!r}: expected NAME=PATH")
+            raise ValueError(f"{option_name} {value!r}: expected NAME=PATH")
         if name in named:
-            raise ValueError(f"{option}: the name {name!r} is given twice")
+            raise ValueError(f"{option_name}: the name {name!r} is given twice")
         named[name] = path
     return named
 
 
-def build_config(args: argparse.Namespace):
+def build_config(options: EvaluateOptions):
     from infgen.decode import parse_size
-    from pipelines.evaluation.config import PRESETS as CONFIGS
+    from pipelines.evaluation.config import PRESETS
 
-    config = CONFIGS[args.preset]
-    changes = {
-        "seed": args.seed,
-        "vae": args.vae,
-        "inception": args.inception,
-        "lpips_trunk": args.lpips_trunk,
-    }
-    if args.sizes:
-        changes["sizes"] = tuple(parse_size(s if "x" in s else f"{s}x{s}") for s in args.sizes)
+    changes = {"seed": options.seed, "inception": options.inception, "lpips_trunk": options.lpips_trunk}
+    if options.sizes:
+        changes["sizes"] = tuple(parse_size(s if "x" in s else f"{s}x{s}") for s in options.sizes)
     for name in ("max_images", "patches_per_image", "patch_mode", "workers"):
-        if getattr(args, name) is not None:
-            changes[name] = getattr(args, name)
-    return dataclasses.replace(config, **changes)
+        if getattr(options, name) is not None:
+            changes[name] = getattr(options, name)
+    return dataclasses.replace(PRESETS[options.preset], **changes)
 
 
-def evaluation_tracker(args: argparse.Namespace):
-    """Logs the table (MLflow table artifact + markdown), one metric per row and metric, and the grids."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from pipelines.tracking import default_tracking_uri, log_stage_run
-
-    uri = args.tracking_uri or default_tracking_uri()
-
-    def track(manifest: dict, manifest_path: str) -> None:
-        import fsspec
-        from PIL import Image
-
-        out = manifest_path.rsplit("/", 1)[0]
-        rows = manifest["rows"]
-        metrics = {}
-        for row in rows:
-            for name, value in row.items():
-                if isinstance(value, float) and value == value and abs(value) != float("inf"):
-                    metrics[f"{row['source']}.{row['size']}.{row['decoder']}.{name}".replace("+", "_")] = (
-                        value
-                    )
-
-        def extra(mlflow) -> None:
-            columns = sorted({key for row in rows for key in row})
-            mlflow.log_table(
-                {c: [row.get(c) for row in rows] for c in columns}, artifact_file="plugin_gains.json"
-            )
-            mlflow.log_text(fsspec.open(f"{out}/plugin_gains.md", "r").open().read(), "plugin_gains.md")
-            filesystem, root = fsspec.core.url_to_fs(out)
-            for path in sorted(filesystem.glob(f"{root}/grids/*.png")):
-                with filesystem.open(path, "rb") as handle:
-                    image = Image.open(handle).convert("RGB")
-                mlflow.log_image(image, artifact_file=f"grids/{path.rsplit('/', 1)[-1]}")
-            mlflow.set_tags(
-                {
-                    "infgen.feature_extractor": manifest["feature_extractor"],
-                    "infgen.lpips_trunk_pretrained": str(manifest["lpips_trunk_pretrained"]),
-                }
-            )
-
-        with tempfile.TemporaryDirectory() as scratch:
-            local = Path(scratch) / "manifest.json"
-            local.write_text(json.dumps(manifest, indent=2))
-            run_id = log_stage_run(
-                uri, args.experiment or manifest["config"]["mlflow_experiment"], args.run_name or "evaluate",
-                params={"config": manifest["config"], "decoder": manifest["inputs"]["decoder"],
-                        "output": manifest_path},
-                metrics=metrics, artifacts=[str(local)], parent_run_id=args.parent_run_id, extra=extra,
-            )  # fmt: skip
-        print(f"evaluate: MLflow run {run_id} at {uri}")
-
-    return track
-
-
-def run_evaluate_command(args: argparse.Namespace) -> dict:
-    from jobs.ray_session import connect_ray
+def run_evaluate_command(options: EvaluateOptions, context: RunContext) -> dict:
+    from pipelines.common.files import resolve_inputs
     from pipelines.evaluation.stage import run_evaluation
-    from pipelines.ingest.manifest import resolve_inputs
 
-    config = build_config(args)  # bad values fail before a cluster is started or joined
-    latent_files = named_paths(args.latent_file, "--latent-file")
-    pipelines = named_paths(args.diffusers_pipeline, "--diffusers-pipeline")
-    resolve_inputs([args.images])
-    connect_ray(args.ray_address)
-    manifest = run_evaluation(args.decoder, args.images, args.output, config, latents=args.latents,
-                              latent_files=latent_files, pipelines=pipelines,
-                              tracking=evaluation_tracker(args))  # fmt: skip
-    print(open(f"{args.output.rstrip('/')}/plugin_gains.md").read() if "://" not in args.output else "")
+    config = build_config(options)  # bad values fail before a cluster is started or joined
+    latent_files = named_paths(options.latent_file, "--latent-file")
+    pipelines = named_paths(options.diffusers_pipeline, "--diffusers-pipeline")
+    resolve_inputs([options.images], "images")
+    context.connect_ray()
+    manifest = run_evaluation(
+        options.decoder, options.images, options.output, config, latents=options.latents,
+        latent_files=latent_files, pipelines=pipelines, tracking=context.tracking(), vae=options.vae,
+        input_side=options.input_side,
+    )  # fmt: skip
+    if "://" not in options.output:
+        print(open(f"{options.output.rstrip('/')}/plugin_gains.md").read())
     return manifest

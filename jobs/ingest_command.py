@@ -9,13 +9,14 @@ Rerunning the same command after a crash resumes it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 
-from jobs.stage_tracking import add_tracking_arguments, manifest_tracker
+from jobs.context import RunContext
+from jobs.options import option
 
-# Only the standard library at import: `infgen --help` builds this parser and must stay instant.
+# Only the standard library at import: `infgen --help` builds this command's options and must stay instant.
 
 # The embedded source differs from real metadata only in where it lives and how fast it answers.
 EMBEDDED_SAMPLES_PER_SHARD = 25
@@ -23,31 +24,39 @@ EMBEDDED_TIMEOUT_SECONDS = 2.0
 EMBEDDED_SLOW_SECONDS = 4.0  # the slow rows answer after the timeout: they are counted as timeouts
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--metadata", nargs="+", help="metadata Parquet files or folders (local or fsspec URLs)"
+@dataclass(frozen=True, kw_only=True)
+class IngestOptions:
+    metadata: list[str] = option([], help="metadata Parquet files or folders (local or fsspec URLs)")
+    embedded: int | None = option(None, metavar="ROWS", help="generate ROWS rows served on 127.0.0.1")
+    regenerate: str | None = option(
+        None, metavar="MANIFEST", help="rebuild the ingest a manifest.json describes"
     )
-    source.add_argument("--embedded", type=int, metavar="ROWS", help="generate ROWS rows served on 127.0.0.1")
-    source.add_argument(
-        "--regenerate", metavar="MANIFEST", help="rebuild the ingest a manifest.json describes"
-    )
-    parser.add_argument("--output", required=True, help="output folder (local or fsspec URL)")
-    parser.add_argument(
-        "--target-count", type=int, help="cap on selected rows (default 5,000,000; embedded: all)"
-    )
-    parser.add_argument("--min-pixels", type=int, help="WIDTH·HEIGHT must exceed this (default 2,000,000)")
-    parser.add_argument("--min-aesthetic", type=float, help="aesthetic score threshold (default 5.0)")
-    parser.add_argument("--samples-per-shard", type=int, help="images per Parquet shard (default 1000)")
-    parser.add_argument(
-        "--allow-host", action="append", default=[], help="host exempt from the address guard"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="selection seed (and the embedded source's)")
-    parser.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else embedded)")
-    add_tracking_arguments(parser)
+    target_count: int | None = option(None, help="cap on selected rows (default 5,000,000; embedded: all)")
+    min_pixels: int | None = option(None, help="WIDTH·HEIGHT must exceed this (default 2,000,000)")
+    min_aesthetic: float | None = option(None, help="aesthetic score threshold (default 5.0)")
+    samples_per_shard: int | None = option(None, help="images per Parquet shard (default 1000)")
+    allow_host: list[str] = option([], repeat=True, help="host exempt from the address guard (repeatable)")
+    seed: int = option(0, help="selection seed (and the embedded source's)")
+    output: str = option(help="output folder (local or fsspec URL)")
+
+    def __post_init__(self):
+        sources = (
+            ("--metadata", self.metadata),
+            ("--embedded", self.embedded),
+            ("--regenerate", self.regenerate),
+        )
+        given = [name for name, value in sources if value not in (None, [])]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one source: --metadata, --embedded or --regenerate (got {given or 'none'})"
+            )
+        if self.embedded is not None and self.embedded < 1:
+            raise ValueError(f"--embedded must be ≥ 1 row, got {self.embedded}")
+        if self.samples_per_shard is not None and self.samples_per_shard < 1:
+            raise ValueError(f"--samples-per-shard must be ≥ 1, got {self.samples_per_shard}")
 
 
-def build_config(args: argparse.Namespace, embedded: bool):
+def build_config(args: IngestOptions, embedded: bool):
     from pipelines.ingest.config import DownloadConfig, IngestConfig
 
     config = IngestConfig()
@@ -74,8 +83,6 @@ def build_config(args: argparse.Namespace, embedded: bool):
         allow_hosts=tuple(sorted({*config.allow_hosts, *args.allow_host})),
     )
     if args.samples_per_shard is not None:
-        if args.samples_per_shard < 1:
-            raise ValueError(f"--samples-per-shard must be ≥ 1, got {args.samples_per_shard}")
         config = dataclasses.replace(
             config, download=dataclasses.replace(config.download, samples_per_shard=args.samples_per_shard)
         )
@@ -86,9 +93,9 @@ def build_config(args: argparse.Namespace, embedded: bool):
 def embedded_source(output: str, rows: int, seed: int, port: int | None = None):
     """Serve the embedded source. Its metadata lives under OUTPUT/source and is reused on reruns, served on
     the port its URLs name."""
+    from pipelines.common.files import read_json, write_json
     from pipelines.ingest.embedded_source import EmbeddedImageServer, make_metadata
     from pipelines.ingest.layout import IngestLayout
-    from pipelines.ingest.manifest import read_json, write_json
 
     layout = IngestLayout(output)
     record_path, metadata_path = (
@@ -121,39 +128,35 @@ def embedded_source(output: str, rows: int, seed: int, port: int | None = None):
         yield metadata_path, record
 
 
-def run_ingest_command(args: argparse.Namespace) -> dict:
-    from jobs.ray_session import connect_ray
+def run_ingest_command(args: IngestOptions, context: RunContext) -> dict:
+    from pipelines.common.files import resolve_inputs
     from pipelines.ingest.regenerate import check_inputs, compare, config_of, load_manifest
     from pipelines.ingest.stage import run_ingest
 
-    track = manifest_tracker(args, "ingest")
+    tracking = context.tracking()
     if args.regenerate:
         original = load_manifest(args.regenerate)
         paths = check_inputs(original, args.regenerate)
         config = config_of(original)
         source = original.get("source")
-        connect_ray(args.ray_address)
+        context.connect_ray()
         if source and source.get("kind") == "embedded":
             # The URLs name the original port; serve there again, from the recorded metadata file.
             with _serve_recorded(source):
-                rebuilt = run_ingest(paths, args.output, config, source=source, tracking=track)
+                rebuilt = run_ingest(paths, args.output, config, source=source, tracking=tracking)
         else:
-            rebuilt = run_ingest(paths, args.output, config, source=source, tracking=track)
+            rebuilt = run_ingest(paths, args.output, config, source=source, tracking=tracking)
         compare(original, rebuilt, print)
         return rebuilt
     # Everything the user typed is checked before a cluster is started or joined.
-    if args.embedded is not None and args.embedded < 1:
-        raise ValueError(f"--embedded must be ≥ 1 row, got {args.embedded}")
     config = build_config(args, embedded=args.embedded is not None)
     if args.metadata:
-        from pipelines.ingest.manifest import resolve_inputs
-
-        resolve_inputs(args.metadata)
-    connect_ray(args.ray_address)
+        resolve_inputs(args.metadata, "metadata")
+    context.connect_ray()
     if args.embedded is not None:
         with embedded_source(args.output, args.embedded, args.seed) as (metadata_path, source):
-            return run_ingest([metadata_path], args.output, config, source=source, tracking=track)
-    return run_ingest(args.metadata, args.output, config, tracking=track)
+            return run_ingest([metadata_path], args.output, config, source=source, tracking=tracking)
+    return run_ingest(args.metadata, args.output, config, tracking=tracking)
 
 
 @contextlib.contextmanager

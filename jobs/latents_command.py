@@ -7,68 +7,59 @@ Rerunning the same command after a crash resumes it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+from dataclasses import dataclass
 
-from jobs.stage_tracking import add_tracking_arguments, manifest_tracker
+from jobs.context import RunContext
+from jobs.options import option
 
-PRESETS = ("stage1", "stage2", "embedded")
+
+def preset_names() -> tuple[str, ...]:
+    from pipelines.latents.config import PRESETS
+
+    return tuple(PRESETS)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--images", required=True, help="the ingest stage's images/ folder (local or fsspec URL)"
+@dataclass(frozen=True, kw_only=True)
+class LatentsOptions:
+    images: str = option(help="the ingest stage's images/ folder (local or fsspec URL)")
+    preset: str = option("stage1", choices=preset_names, help="crop policy and sizes (default stage1)")
+    vae: str | None = option(
+        None, help="diffusers AutoencoderKL dir or hub id (default: embedded offline substitute)"
     )
-    parser.add_argument("--output", required=True, help="latent shard folder (local or fsspec URL)")
-    parser.add_argument(
-        "--preset", choices=PRESETS, default="stage1", help="crop policy and sizes (default stage1)"
+    samples_per_image: int | None = option(None, help="crops per image (stage presets: 4)")
+    seed: int = option(0, help="crop and hold-out seed")
+    holdout_fraction: float | None = option(
+        None, help="images kept out of training for evaluation (default 0.002)"
     )
-    parser.add_argument(
-        "--vae", help="diffusers AutoencoderKL dir or hub id (default: embedded offline substitute)"
+    encoders: int | None = option(None, help="VAE actors (one GPU each when there are GPUs; default 2)")
+    encoder_memory_gib: float | None = option(
+        None, help="host memory each VAE actor reserves in Ray (default 4; 1 for the embedded preset)"
     )
-    parser.add_argument("--samples-per-image", type=int, help="crops per image (stage presets: 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--holdout-fraction", type=float, help="images kept out of training for evaluation (default 0.002)"
-    )
-    parser.add_argument(
-        "--encoders", type=int, help="VAE actors (one GPU each when there are GPUs; default 2)"
-    )
-    parser.add_argument(
-        "--encoder-memory-gib", type=float,
-        help="host memory each VAE actor reserves in Ray (default 4; 1 for the embedded preset)",
-    )  # fmt: skip
-    parser.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else embedded)")
-    add_tracking_arguments(parser)
+    output: str = option(help="latent shard folder (local or fsspec URL)")
 
 
-def build_config(args: argparse.Namespace):
-    from pipelines.latents.config import EMBEDDED, LatentConfig
-    from pipelines.latents.crops import CropPolicy
+def resource_fields() -> tuple[str, ...]:
+    from pipelines.latents.config import LatentConfig
 
-    config = {
-        "stage1": LatentConfig(),
-        "stage2": LatentConfig(policy=CropPolicy(max_side=2048)),
-        "embedded": EMBEDDED,
-    }[args.preset]
-    changes = {"seed": args.seed, "vae": args.vae}
-    if args.samples_per_image is not None:
-        changes["samples_per_image"] = args.samples_per_image
-    if args.encoders is not None:
-        changes["encoders"] = args.encoders
-    if args.encoder_memory_gib is not None:
-        changes["encoder_memory_gib"] = args.encoder_memory_gib
-    if args.holdout_fraction is not None:
-        changes["holdout_fraction"] = args.holdout_fraction
-    return dataclasses.replace(config, **changes)
+    return LatentConfig.RESOURCE_FIELDS
 
 
-def run_latents_command(args: argparse.Namespace) -> dict:
-    from jobs.ray_session import connect_ray
-    from pipelines.ingest.manifest import resolve_inputs
+def build_config(options: LatentsOptions):
+    from pipelines.latents.config import PRESETS
+
+    changes = {"seed": options.seed, "vae": options.vae}
+    for name in ("samples_per_image", "encoders", "encoder_memory_gib", "holdout_fraction"):
+        if getattr(options, name) is not None:
+            changes[name] = getattr(options, name)
+    return dataclasses.replace(PRESETS[options.preset], **changes)
+
+
+def run_latents_command(options: LatentsOptions, context: RunContext) -> dict:
+    from pipelines.common.files import resolve_inputs
     from pipelines.latents.stage import run_latents
 
-    config = build_config(args)  # bad values fail before a cluster is started or joined
-    resolve_inputs([args.images])
-    connect_ray(args.ray_address)
-    return run_latents(args.images, args.output, config, tracking=manifest_tracker(args, "latents"))
+    config = build_config(options)  # bad values fail before a cluster is started or joined
+    resolve_inputs([options.images], "images")
+    context.connect_ray()
+    return run_latents(options.images, options.output, config, tracking=context.tracking())

@@ -55,24 +55,22 @@ def ray_address():
 @pytest.fixture(scope="session")
 def embedded_images(ray_address, tmp_path_factory):
     """An ingest of the embedded source (img2dataset over 127.0.0.1): the images/ folder later stages read."""
-    from jobs.cli import build_parser
-    from jobs.ingest_command import run_ingest_command
+    from jobs.cli import run_arguments
 
     root = tmp_path_factory.mktemp("embedded_ingest")
     arguments = ["ingest", "--embedded", "40", "--output", str(root / "ingest"), "--samples-per-shard", "12",
                  "--seed", "10", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]  # fmt: skip
-    manifest = run_ingest_command(build_parser().parse_args(arguments))
+    manifest = run_arguments(arguments)
     return {"images": root / "ingest" / "images", "manifest": manifest}
 
 
 @pytest.fixture(scope="session")
 def embedded_latents(embedded_images, tmp_path_factory):
     """The latent stage (embedded preset) over `embedded_images`."""
-    from jobs.cli import build_parser
-    from jobs.latents_command import run_latents_command
+    from jobs.cli import run_arguments
 
     output = tmp_path_factory.mktemp("embedded_latents") / "latents"
     arguments = ["latents", "--images", str(embedded_images["images"]), "--output", str(output), "--preset",
                  "embedded", "--tracking-uri", f"sqlite:///{output.parent / 'mlflow.db'}"]  # fmt: skip
-    manifest = run_latents_command(build_parser().parse_args(arguments))
+    manifest = run_arguments(arguments)
     return {"latents": output, "images": embedded_images["images"], "manifest": manifest}

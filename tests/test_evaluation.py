@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import infgen
-from jobs.cli import build_parser
-from jobs.evaluate_command import run_evaluate_command
-from pipelines.evaluation.sources import held_out_images, load_latent_file
-from pipelines.holdout import is_held_out
+from jobs.cli import run_arguments
+from pipelines.common.holdout import held_out_images, is_held_out
+from pipelines.evaluation.sources import load_latent_file
 
 
 def scaled_latents(count, seed=0):
@@ -69,7 +68,7 @@ def test_too_few_held_out_images_is_a_clear_error(embedded_latents, tmp_path):
     if len(refs) >= 4:
         pytest.skip("this ingest holds enough images out")  # depends on the session ingest's size
     with pytest.raises(ValueError, match=f"only {len(refs)} held-out image"):
-        run_evaluate_command(build_parser().parse_args(arguments))
+        run_arguments(arguments)
     assert not (tmp_path / "eval").exists()  # refused before anything is written
 
 
@@ -88,10 +87,10 @@ def evaluate(decoder, embedded_latents, output, *extra):
     # Without --latents every ingested image is evaluated (a separate held-out ingest): the session's small
     # ingest holds too few images out for the distribution metrics.
     arguments = ["evaluate", "--decoder", str(decoder), "--images", str(embedded_latents["images"]),
-                 "--output", str(output), "--preset", "embedded", "--max-images", "12",
+                 "--output", str(output), "--preset", "embedded", "--max-images", "12", "--input-side", "64",
                  "--sizes", "64", "96x128", "--tracking-uri", f"sqlite:///{output.parent / 'mlflow.db'}",
                  *extra]  # fmt: skip
-    return run_evaluate_command(build_parser().parse_args(arguments))
+    return run_arguments(arguments)
 
 
 @pytest.fixture(scope="module")

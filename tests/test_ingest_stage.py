@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.cli import build_parser
-from jobs.ingest_command import run_ingest_command
+from jobs.cli import run_arguments
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.embedded_source import KINDS, make_metadata
 from pipelines.ingest.layout import IngestLayout
@@ -62,7 +61,7 @@ def flat_buckets(buckets: dict) -> Counter:
 
 
 def ingest(*arguments: str) -> dict:
-    return run_ingest_command(build_parser().parse_args(["ingest", *arguments]))
+    return run_arguments(["ingest", *arguments])
 
 
 @pytest.fixture(scope="module")

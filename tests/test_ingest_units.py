@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipelines.common.files import resolve_inputs
+from pipelines.common.run_lock import RunLock
 from pipelines.ingest import selection as select
 from pipelines.ingest.accounting import (
     AccountingError,
@@ -19,7 +21,6 @@ from pipelines.ingest.accounting import (
 )
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.filters import FilterConfig
-from pipelines.ingest.manifest import RunLock, resolve_inputs
 from pipelines.ingest.verification import verify_image, verify_shard
 
 

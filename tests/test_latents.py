@@ -7,10 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.cli import build_parser
-from jobs.latents_command import run_latents_command
-from pipelines.latents.crops import CropPolicy, buckets, crop_pair, decode_rgb, plan_crops
-from pipelines.latents.encode import read_latents
+from jobs.cli import run_arguments
+from pipelines.common.crops import CropPolicy, buckets, crop_pair, decode_rgb, plan_crops
+from pipelines.common.latent_shards import read_latents
 from pipelines.latents.stage import latent_digest
 
 POLICY = CropPolicy()
@@ -46,7 +45,7 @@ def latents(embedded_images, output, *extra):
     tracking = f"sqlite:///{output.parent / 'mlflow.db'}"
     arguments = ["latents", "--images", str(embedded_images["images"]), "--output", str(output),
                  "--preset", "embedded", "--tracking-uri", tracking, *extra]  # fmt: skip
-    return run_latents_command(build_parser().parse_args(arguments))
+    return run_arguments(arguments)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def test_every_image_is_accounted_for(embedded_images, latent_run):
 
 
 def test_a_sample_is_its_crop_encoded_with_its_own_noise(embedded_images, latent_run):
-    from pipelines.latents.vae_source import load_frozen_vae
+    from pipelines.common.vae_source import load_frozen_vae
 
     shard = sorted(latent_run["output"].glob("*.parquet"))[0]
     table = pq.read_table(shard)
@@ -119,9 +118,9 @@ def test_another_config_on_the_same_output_is_refused(embedded_images, latent_ru
 
 def test_a_bf16_encoder_writes_float32_latents_close_to_fp32(embedded_images, latent_run, tmp_path):
     """The GPU actors' dtype, on the CPU: inputs cast to the encoder's dtype, latents back to float32."""
+    from pipelines.common.vae_source import load_frozen_vae
     from pipelines.latents.config import EMBEDDED
     from pipelines.latents.encode import encode_shard
-    from pipelines.latents.vae_source import load_frozen_vae
 
     vae, source = load_frozen_vae(None)
     vae.autoencoder.to(torch.bfloat16)
@@ -137,7 +136,7 @@ def test_a_bf16_encoder_writes_float32_latents_close_to_fp32(embedded_images, la
 
 
 def test_actors_reserving_more_memory_than_any_node_offers_are_announced(ray_address, capsys):
-    from pipelines.actor_pool import _warn_if_no_node_fits
+    from pipelines.common.actor_pool import _warn_if_no_node_fits
 
     _warn_if_no_node_fits("ShardEncoder", 0.5)
     assert "warning" not in capsys.readouterr().out

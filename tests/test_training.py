@@ -10,8 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from training_faults import FailOnceAt, NonFiniteLossAt
 
 import infgen
+from pipelines.common.latent_record import read_latent_record
+from pipelines.common.tracking import StageTracking
 from pipelines.training.config import STAGE1_SMALL, STAGE2_SMALL, TrainConfig
 from pipelines.training.data import LatentBatches
 from pipelines.training.stage import run_training
@@ -32,7 +35,7 @@ def stage1(embedded_latents, tmp_path_factory):
     tracking = f"sqlite:///{storage / 'mlflow.db'}"
     latents, images = str(embedded_latents["latents"]), str(embedded_latents["images"])
     handler_before = signal.getsignal(signal.SIGINT)
-    result = run_training(STAGE1_SMALL, latents, images, str(storage), "stage1", tracking)
+    result = run_training(STAGE1_SMALL, latents, images, str(storage / "stage1"), StageTracking(tracking))
     return {"storage": storage, "tracking": tracking, "latents": latents, "images": images, "result": result,
             "sigint_handlers": (handler_before, signal.getsignal(signal.SIGINT))}  # fmt: skip
 
@@ -99,7 +102,9 @@ def test_two_small_stages_train_and_log_to_mlflow(stage1):
     assert {m.key for m in client.get_metric_history(run.info.run_id, "discriminator")} == {"discriminator"}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"decoder", "validation", "deepspeed_generator.json"} <= artifacts
-    assert len(client.list_artifacts(run.info.run_id, "validation")) == len(STAGE1_SMALL.validation_sizes)
+    # one grid per validation size: the latent record's 1×, largest square and widest sizes
+    sizes = read_latent_record(stage1["latents"]).validation_sizes()
+    assert len(client.list_artifacts(run.info.run_id, "validation")) == len(sizes)
     # The grid decodes held-out images (never trained on), encoded once before training and kept for resume.
     saved = np.load(stage1["storage"] / "stage1" / "validation_latents.npz")
     keys = saved["keys"].tolist()
@@ -113,7 +118,7 @@ def test_two_small_stages_train_and_log_to_mlflow(stage1):
     # stage 2 starts from stage 1's final decoder
     storage, tracking = str(stage1["storage"]), stage1["tracking"]
     second = run_training(
-        STAGE2_SMALL, stage1["latents"], stage1["images"], storage, "stage2", tracking,
+        STAGE2_SMALL, stage1["latents"], stage1["images"], f"{storage}/stage2", StageTracking(tracking),
         init_from=stage1["result"]["decoder"],
     )  # fmt: skip
     assert second["mlflow_run_id"] != run.info.run_id
@@ -122,10 +127,10 @@ def test_two_small_stages_train_and_log_to_mlflow(stage1):
 
 
 def test_a_run_that_fails_mid_way_resumes_to_the_same_losses(stage1):
-    failing = dataclasses.replace(STAGE1_SMALL, fail_at_step=6)  # checkpoints every 4 steps: resumes at 4
-    run_training(
-        failing, stage1["latents"], stage1["images"], str(stage1["storage"]), "failed", stage1["tracking"]
-    )
+    run_training(  # checkpoints every 4 steps: resumes at 4
+        STAGE1_SMALL, stage1["latents"], stage1["images"], str(stage1["storage"] / "failed"),
+        StageTracking(stage1["tracking"]), hooks=FailOnceAt(6),
+    )  # fmt: skip
     assert (stage1["storage"] / "failed" / "injected_failure").read_text() == "6"
     resumed = losses_by_step(stage1["storage"] / "failed" / "losses.jsonl")
     replayed = [
@@ -187,7 +192,7 @@ def test_a_killed_driver_resumes_to_the_same_losses(stage1, ray_address):
     storage = stage1["storage"]
     command = [
         sys.executable, "-m", "jobs.cli", "train", "--preset", "stage1-small", "--latents", stage1["latents"],
-        "--images", stage1["images"], "--storage", str(storage), "--name", "killed",
+        "--images", stage1["images"], "--output", str(storage / "killed"),
         "--ray-address", ray_address, "--tracking-uri", stage1["tracking"],
     ]  # fmt: skip
     log = storage / "killed" / "losses.jsonl"
@@ -220,10 +225,11 @@ def test_a_killed_driver_resumes_to_the_same_losses(stage1, ray_address):
 
 
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all(stage1):
-    config = dataclasses.replace(STAGE1_SMALL, steps=6, nan_loss_at_step=3, checkpoint_every=6)
+    config = dataclasses.replace(STAGE1_SMALL, steps=6, checkpoint_every=6)
     run_training(
-        config, stage1["latents"], stage1["images"], str(stage1["storage"]), "nan", stage1["tracking"]
-    )
+        config, stage1["latents"], stage1["images"], str(stage1["storage"] / "nan"),
+        StageTracking(stage1["tracking"]), hooks=NonFiniteLossAt(3),
+    )  # fmt: skip
     logged = losses_by_step(stage1["storage"] / "nan" / "losses.jsonl")
     assert sorted(logged) == [0, 1, 2, 4, 5]  # step 3 skipped, and no rank hung waiting for the other
     assert logged[2]["skipped_batches"] == 0 and logged[4]["skipped_batches"] == 1

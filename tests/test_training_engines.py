@@ -7,6 +7,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from training_faults import NonFiniteLossAt
 
 from pipelines.training.config import STAGE1, STAGE1_SMALL
 from pipelines.training.loop import build_engines, train_step
@@ -28,8 +29,8 @@ def one_rank(monkeypatch):
 def test_engines_train_a_bf16_zero1_step_and_skip_a_nan_one(one_rank):
     config = dataclasses.replace(
         STAGE1_SMALL, num_workers=1, global_batch=2, precision="bf16", zero_stage=STAGE1.zero_stage,
-        gan_start_step=0, activation_checkpointing=True, steps=4,
-    )  # fmt: skip
+        activation_checkpointing=True, steps=4,
+    ).with_gan_start(0)  # fmt: skip
     parts = build_engines(config)
     assert next(parts.model.parameters()).dtype == torch.bfloat16  # DeepSpeed cast the decoder in place
     assert next(parts.ema.parameters()).dtype == torch.float32
@@ -44,9 +45,8 @@ def test_engines_train_a_bf16_zero1_step_and_skip_a_nan_one(one_rank):
     assert any(not torch.equal(a, b) for a, b in zip(parts.ema.parameters(), ema_before))
 
     # A non-finite loss: no update of the decoder, the discriminator or the EMA.
-    poisoned = dataclasses.replace(config, nan_loss_at_step=1)
     trained = (parts.model, parts.loss.discriminator, parts.ema)
     snapshot = [p.clone() for module in trained for p in module.parameters()]
-    assert train_step(parts, poisoned, latents, truth, step=1, rank=0) is None
+    assert train_step(parts, config, latents, truth, step=1, rank=0, hooks=NonFiniteLossAt(1)) is None
     after = [p for module in trained for p in module.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(after, snapshot))

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from jobs.workflow import Workflow, run_workflow
-from jobs.workflow_spec import load_workflow, stage_arguments
+from jobs.workflow.spec import load_workflow, stage_arguments
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "latents", "stage1", "stage2", "evaluate"]

@@ -1,4 +1,9 @@
-"""The evaluation stage's typed configuration (protocol defaults: shared/reference/infgen-paper.md §4)."""
+"""The evaluation stage's typed configuration: the protocol (docs/paper.md, "Evaluation protocol").
+
+What the latents fix is not restated here: the VAE, its latent channels and the encoder's input side come
+from the latent stage's record (pipelines/common/latent_record.py), or, for an ingest kept apart for
+evaluation, from the command's --vae and --input-side.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,6 @@ from typing import ClassVar
 @dataclass(frozen=True)
 class EvalConfig:
     sizes: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024), (2048, 2048), (3072, 3072))
-    latent_channels: int = 4  # of the VAE the latent sources use (SD-VAE: 4)
-    input_side: int = 512  # held-out crops are encoded at this side (512² → 4×64×64), as in training
     max_images: int = 10_000  # per latent source (the paper protocol: 10K samples per resolution)
     patch_size: int = 256  # FIDp / sFIDp: patches at native resolution, never resized before Inception
     patches_per_image: int = 10
@@ -25,13 +28,12 @@ class EvalConfig:
     workers: int = 2  # evaluation actors (one GPU each when the cluster has GPUs)
     grid_images: int = 3  # side-by-side rows (truth | baseline | InfGen) per source and size
     seed: int = 0
-    vae: str | None = None  # the stock decoder and the reconstruction encoder; None → embedded substitute
     inception: str | None = (
         None  # clean-fid's inception-2015-12-05.pt; None → its default place, else substitute
     )
     lpips_trunk: str | None = None  # torchvision AlexNet weights for LPIPS; None → default place, else random
     mlflow_experiment: str = "infgen-eval"
-    # How the stage runs, not what it scores: a resume may change it (pipelines/output_record.py).
+    # How the stage runs, not what it scores: a resume may change it (pipelines/common/stage_output.py).
     RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("workers",)
 
     def __post_init__(self):
@@ -52,7 +54,6 @@ class EvalConfig:
             "chunk_images",
             "decode_batch",
             "workers",
-            "input_side",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -71,7 +72,7 @@ PAPER = EvalConfig()
 # CPU scale, the embedded workflow's task: 64² crops → 8×8 latents, decoded at 1×, 2× and 4× (the last is
 # beyond stage 1's range); Inception sees 32² patches upsampled, so FIDp here only ranks decoders.
 EMBEDDED = EvalConfig(
-    sizes=((64, 64), (128, 128), (256, 256)), input_side=64, max_images=64, patch_size=32,
+    sizes=((64, 64), (128, 128), (256, 256)), max_images=64, patch_size=32,
     patches_per_image=4,
     kid_subset_size=50, chunk_images=8, decode_batch=8, workers=1, grid_images=3,
 )  # fmt: skip

@@ -15,12 +15,13 @@ import fsspec
 import numpy as np
 import torch
 
-from infgen.distribution import extract_patches, patch_boxes
 from infgen.images import from_uint8
 from infgen.metrics import psnr, ssim
+from infgen.metrics.distribution import extract_patches, patch_boxes
+from pipelines.common.reconstruction import encode_crops, read_images
+from pipelines.evaluation.chunks import Chunk
 from pipelines.evaluation.config import EvalConfig
 from pipelines.evaluation.decoders import DECODERS, decode_all
-from pipelines.evaluation.ground_truth import encode_crops, read_images
 from pipelines.evaluation.sources import load_latent_file
 
 REFERENCE = "reference"
@@ -52,13 +53,13 @@ def full_reference(decoded: list[np.ndarray], truths: list[np.ndarray], lpips_mo
             "lpips": perceptual.double().numpy()}  # fmt: skip
 
 
-def score_chunk(item: dict, latents: np.ndarray, truths: list | None, models: dict, config: EvalConfig):
+def score_chunk(chunk: Chunk, latents: np.ndarray, truths: list | None, models: dict, config: EvalConfig):
     """{group: {array name: array}} for the chunk, plus the decoded images (for the comparison grids)."""
-    size = tuple(item["size"])
+    size = chunk.size
     decoded = decode_all(models["infgen"], models["vae"], torch.from_numpy(latents), size,
                          config.baseline_resample, config.decode_batch)  # fmt: skip
     boxes = [patch_boxes(size[0], size[1], config.patch_size, config.patches_per_image, config.patch_mode,
-                         patch_seed(config.seed, item["source"], size, item["start"] + offset))
+                         patch_seed(config.seed, chunk.source, size, chunk.start + offset))
              for offset in range(len(latents))]  # fmt: skip
     groups = {}
     for name in DECODERS:
@@ -98,19 +99,21 @@ def load_part(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
 
 
 class ChunkScorer:
-    """Ray Data actor: loads InfGen, the stock VAE, Inception and LPIPS once, then scores chunks."""
+    """Ray Data actor: loads InfGen, the stock VAE, Inception and LPIPS once, then scores chunks. Its rows
+    name a chunk by its index in `chunks` (typed records, handed to each actor once)."""
 
-    def __init__(self, config: EvalConfig, decoder: str, threads: int = 1):
+    def __init__(self, config: EvalConfig, decoder: str, vae: str | None, input_side: int,
+                 chunks: list[Chunk], threads: int = 1):  # fmt: skip
         import infgen
-        from infgen.inception import load_inception
-        from infgen.perceptual import load_lpips
-        from pipelines.latents.vae_source import load_frozen_vae
+        from infgen.metrics.inception import load_inception
+        from infgen.metrics.perceptual import load_lpips
+        from pipelines.common.vae_source import load_frozen_vae
 
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.config, self.device = config, device
-        vae, _ = load_frozen_vae(config.vae, device)
-        self.models = {"vae": vae, "infgen": infgen.load(decoder, device=device),
+        self.config, self.device, self.input_side, self.chunks = config, device, input_side, chunks
+        stock, _ = load_frozen_vae(vae, device)
+        self.models = {"vae": stock, "infgen": infgen.load(decoder, device=device),
                        "inception": load_inception(config.inception, device=device),
                        "lpips": load_lpips(config.lpips_trunk).to(device).eval()}  # fmt: skip
         self.latent_files: dict[str, np.ndarray] = {}
@@ -119,27 +122,32 @@ class ChunkScorer:
                      "lpips_trunk_pretrained": bool(getattr(perceptual, "trunk_is_pretrained", False)),
                      "device": device}  # fmt: skip
 
-    def latents_for(self, item: dict) -> tuple[np.ndarray, list | None]:
-        if item["kind"] == "reconstruction":
-            images = read_images(item["refs"])
-            return encode_crops(self.models["vae"], images, tuple(item["size"]), self.config.input_side)
-        if item["file"] not in self.latent_files:
+    def latents_for(self, chunk: Chunk) -> tuple[np.ndarray, list | None]:
+        if chunk.refs is not None:  # the reconstruction source: held-out images, encoded here
+            images = read_images(list(chunk.refs))
+            return encode_crops(self.models["vae"], images, chunk.size, self.input_side)
+        if chunk.file not in self.latent_files:
             channels = self.models["vae"].latent_channels
-            self.latent_files[item["file"]] = load_latent_file(item["file"], channels)
-        return self.latent_files[item["file"]][item["start"] : item["start"] + item["count"]], None
+            self.latent_files[chunk.file] = load_latent_file(chunk.file, channels)
+        return self.latent_files[chunk.file][chunk.start : chunk.start + chunk.count], None
 
     def __call__(self, batch: dict) -> dict:
-        results = []
-        for text in batch["item"]:
-            item = json.loads(str(text))
-            latents, truths = self.latents_for(item)
-            groups, decoded = score_chunk(item, latents, truths, self.models, self.config)
-            keys = [str(key) for key in item.get("keys", range(item["start"], item["start"] + len(latents)))]
-            save_part(item["part"], groups, keys, self.meta)
-            if item["start"] == 0:
-                save_grid(item["grid"], decoded, truths, self.config.grid_images)
-            results.append(json.dumps({"part": item["part"], "images": len(latents)}))
-        return {"result": np.array(results)}
+        parts, counts = [], []
+        for index in batch["index"]:
+            chunk = self.chunks[int(index)]
+            latents, truths = self.latents_for(chunk)
+            groups, decoded = score_chunk(chunk, latents, truths, self.models, self.config)
+            keys = (
+                list(chunk.keys)
+                if chunk.keys is not None
+                else [str(chunk.start + i) for i in range(len(latents))]
+            )
+            save_part(chunk.part, groups, keys, self.meta)
+            if chunk.start == 0:
+                save_grid(chunk.grid, decoded, truths, self.config.grid_images)
+            parts.append(chunk.part)
+            counts.append(len(latents))
+        return {"part": np.array(parts), "images": np.array(counts)}
 
 
 def save_grid(path: str, decoded: dict, truths: list | None, rows: int) -> None:

@@ -1,5 +1,5 @@
-"""Latent sources for evaluation: held-out images (reconstruction), latent files dumped by diffusion models,
-and a local diffusers pipeline.
+"""Latent sources for evaluation besides the held-out images (pipelines/common/holdout.py): latent files
+dumped by diffusion models, and a local diffusers pipeline.
 
 Every source ends as scaled latents (N, C, h, w) float32 (the diffusion convention: VAE latents × the VAE's
 scaling factor), checked here so that a file in the wrong convention fails with a message instead of giving a
@@ -14,45 +14,13 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.holdout import is_held_out
-from pipelines.ingest.manifest import read_json, resolve_inputs
+from pipelines.common.latent_shards import is_latent_shard, read_latents
 
 LATENT_FILE_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".parquet")
 # Keys under which DiT/SiT/MDT/MaskDiT/FiT sampling scripts (and our own tools) store their samples.
 ARRAY_KEYS = ("latents", "latent", "samples", "sample", "z", "arr_0")
 # Scaled latents have roughly unit variance; raw VAE latents (not × 0.18215) have a std near 5.
 SCALED_STD_RANGE = (0.25, 3.0)
-
-
-def holdout_rule(latents: str | None) -> tuple[float, int]:
-    """(fraction, seed) of the images the latent stage kept out of training; no latent stage: all images."""
-    if latents is None:
-        return 1.0, 0
-    record = read_json(f"{latents.rstrip('/')}/latents.json", "latent stage record")
-    config = record["config"]
-    return float(config.get("holdout_fraction", 0.0)), int(config["seed"])
-
-
-def held_out_images(images: str, latents: str | None, max_images: int) -> list[dict]:
-    """[{"shard", "row", "key"}] of held-out images in shard order, at most `max_images`."""
-    fraction, seed = holdout_rule(latents)
-    if fraction <= 0:
-        raise ValueError(
-            f"the latent stage at {latents} held no images out (holdout_fraction 0): every image was trained "
-            "on; rerun it with --holdout-fraction > 0, or evaluate on a separate ingest without --latents"
-        )
-    chosen: list[dict] = []
-    for shard in resolve_inputs([images]):
-        with fsspec.open(shard, "rb") as handle:
-            keys = pq.read_table(handle, columns=["key"]).column("key").to_pylist()
-        for row, key in enumerate(keys):
-            if fraction >= 1.0 or is_held_out(key, fraction, seed):
-                chosen.append({"shard": shard, "row": row, "key": key})
-                if len(chosen) == max_images:
-                    return chosen
-    if not chosen:
-        raise ValueError(f"no held-out images in {images} (fraction {fraction}, seed {seed})")
-    return chosen
 
 
 def load_latent_file(path: str, channels: int, max_items: int | None = None) -> np.ndarray:
@@ -96,11 +64,9 @@ def load_latent_file(path: str, channels: int, max_items: int | None = None) -> 
 
 def _read_array(path: str, suffix: str) -> np.ndarray:
     if suffix == ".parquet":
-        from pipelines.latents.encode import read_latents
-
         with fsspec.open(path, "rb") as handle:
             table = pq.read_table(handle)
-        if table.schema.metadata and b"latent_shape" in table.schema.metadata:
+        if is_latent_shard(table.schema):
             return read_latents(table)  # our own latent shards
         raise ValueError("Parquet latents need our latent-shard layout (a 'latent' column + 'latent_shape')")
     with fsspec.open(path, "rb") as handle:

@@ -2,7 +2,7 @@
 + resize, score both against held-out ground truth on a Ray Data actor pool, and write the plug-in gains
 table.
 
-Work is cut into chunks (source × size × a few images); each chunk's features and per-image metrics land in
+Work is cut into chunks (pipelines/evaluation/chunks.py); each chunk's features and per-image metrics land in
 one part file, so a rerun scores only the chunks that are missing. The table is recomputed from the part files
 every time: the numbers never depend on which run scored which chunk.
 """
@@ -14,55 +14,64 @@ import io
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import ray
 
-from pipelines.actor_pool import map_with_actor_pool
-from pipelines.errors import StageError
+from pipelines.common.actor_pool import map_with_actor_pool
+from pipelines.common.files import absolute, code_version, file_sha256
+from pipelines.common.holdout import held_out_images
+from pipelines.common.latent_record import read_latent_record
+from pipelines.common.run_lock import RunLock
+from pipelines.common.stage_output import claim_output, finish_stage
+from pipelines.common.tracking import StageTracking
+from pipelines.evaluation.chunks import RECONSTRUCTION, Chunk, plan_chunks
 from pipelines.evaluation.config import EvalConfig
+from pipelines.evaluation.mlflow_logging import table_logger
 from pipelines.evaluation.scoring import REFERENCE, ChunkScorer, load_part
-from pipelines.evaluation.sources import diffusers_latents, held_out_images, load_latent_file
+from pipelines.evaluation.sources import diffusers_latents, load_latent_file
 from pipelines.evaluation.table import concatenate, gains_rows, markdown
-from pipelines.ingest.manifest import RunLock, code_version, file_sha256, read_json, write_json
-from pipelines.output_record import same_output
-from pipelines.tracking import absolute
 
 MANIFEST_VERSION = 1
-RECONSTRUCTION = "reconstruction"
+RECORD_NAME = "evaluation.json"
 
 
-def size_name(size) -> str:
-    return f"{size[0]}x{size[1]}"
+@dataclass(frozen=True)
+class LatentGeometry:
+    """What the held-out images are encoded with, and what every latent source must look like."""
+
+    vae: str | None  # None: the embedded offline substitute
+    input_side: int
+    latent_channels: int
 
 
-def plan_items(out: str, config: EvalConfig, refs: list[dict], latent_sources: dict[str, tuple[str, int]]):
-    """Work units: one per (source, size, chunk of `chunk_images`)."""
-    items = []
-    for size in config.sizes:
-        units = [(RECONSTRUCTION, {"kind": "reconstruction"}, len(refs))]
-        units += [
-            (name, {"kind": "latents", "file": path}, count) for name, (path, count) in latent_sources.items()
-        ]
-        for source, fields, total in units:
-            for start in range(0, total, config.chunk_images):
-                count = min(config.chunk_images, total - start)
-                item = {
-                    "source": source,
-                    "size": list(size),
-                    "start": start,
-                    "count": count,
-                    **fields,
-                    "part": f"{out}/parts/{source}/{size_name(size)}/{start // config.chunk_images:05d}.npz",
-                    "grid": f"{out}/grids/{source}_{size_name(size)}.png",
-                }
-                if source == RECONSTRUCTION:
-                    item["refs"] = refs[start : start + count]
-                    item["keys"] = [ref["key"] for ref in item["refs"]]
-                items.append(item)
-    return items
+def latent_geometry(
+    decoder: str, latents: str | None, vae: str | None, input_side: int | None
+) -> LatentGeometry:
+    """From the latent stage's record when there is one (--vae / --input-side may only repeat it); for an
+    ingest kept apart for evaluation, from --vae and --input-side, with the decoder's latent channels."""
+    if latents is not None:
+        record = read_latent_record(latents)
+        for option, given, recorded in (
+            ("--vae", vae, record.vae),
+            ("--input-side", input_side, record.input_side),
+        ):
+            if given is not None and given != recorded:
+                raise ValueError(f"{option} {given}: the latent stage at {latents} used {recorded}; leave "
+                                 f"{option} out to take it from there")  # fmt: skip
+        return LatentGeometry(record.vae, record.input_side, record.latent_channels)
+    if input_side is None:
+        raise ValueError("without --latents, say how the held-out images are encoded: --input-side (the "
+                         "encoder input side the decoder was trained on) and --vae (default: the embedded "
+                         "substitute)")  # fmt: skip
+    if input_side < 1:
+        raise ValueError(f"--input-side must be ≥ 1, got {input_side}")
+    from infgen.checkpoint import read_config
+
+    return LatentGeometry(vae, input_side, read_config(decoder).latent_channels)
 
 
 def run_evaluation(
@@ -74,8 +83,12 @@ def run_evaluation(
     latent_files: dict[str, str] | None = None,
     pipelines: dict[str, str] | None = None,
     progress: Callable[[str], None] = print,
-    tracking: Callable[[dict, str], None] | None = None,
+    tracking: StageTracking | None = None,
+    vae: str | None = None,
+    input_side: int | None = None,
 ) -> dict:
+    """Score `decoder` on the held-out images of `images` (those the latent stage at `latents` kept out;
+    every image without it) and on the named latent files and diffusers pipelines; returns the manifest."""
     decoder, images, output = absolute(decoder), absolute(images), absolute(output)
     latents = absolute(latents) if latents else None
     weights = Path(decoder) / "model.safetensors"
@@ -88,7 +101,10 @@ def run_evaluation(
     for name in [*latent_files, *pipelines]:
         if name == RECONSTRUCTION or "/" in name or not name:
             raise ValueError(f"source name {name!r} is reserved or not a plain name")
-    refs = held_out_images(images, latents, config.max_images)  # bad inputs fail before anything is written
+    geometry = latent_geometry(
+        decoder, latents, vae, input_side
+    )  # bad input fails before anything is written
+    refs = held_out_images(images, latents, config.max_images)
     needed = config.precision_recall_k + 1  # k-NN radii need k other points; covariances need 2
     if len(refs) < needed:
         raise ValueError(
@@ -99,7 +115,7 @@ def run_evaluation(
     for name, path in latent_files.items():
         # Validated on the driver before anything is written, so a bad file fails with its name (not inside
         # an actor) and, once mended, the same command runs into the same output folder.
-        sources[name] = (path, min(len(load_latent_file(path, config.latent_channels)), config.max_images))
+        sources[name] = (path, min(len(load_latent_file(path, geometry.latent_channels)), config.max_images))
         if sources[name][1] < needed:
             raise ValueError(
                 f"latent file {path} ({name}): {sources[name][1]} latents, need at least {needed}"
@@ -116,19 +132,16 @@ def run_evaluation(
             "held_out": [ref["key"] for ref in refs],
             "latent_files": {},
             "pipelines": pipelines,
+            "latent_geometry": {
+                "vae": geometry.vae,
+                "input_side": geometry.input_side,
+                "latent_channels": geometry.latent_channels,
+            },
         }
         for name, path in latent_files.items():
             inputs["latent_files"][name] = {"path": path, "sha256": file_sha256(path)}
-        wanted = json.loads(json.dumps({"config": config.to_dict(), "inputs": inputs}))  # tuples → lists
-        if filesystem.exists(f"{root}/evaluation.json"):
-            recorded = read_json(f"{out}/evaluation.json", "evaluation record")
-            if not same_output(recorded, wanted, config.RESOURCE_FIELDS):
-                raise ValueError(
-                    f"{output} holds an evaluation of another decoder, other inputs or another config; "
-                    "use a new output folder"
-                )
-        else:
-            write_json(f"{out}/evaluation.json", wanted)
+        claim_output(out, RECORD_NAME, {"config": config.to_dict(), "inputs": inputs}, config.RESOURCE_FIELDS,
+                     "an evaluation of another decoder, other inputs or another config")  # fmt: skip
         for name, directory in pipelines.items():
             sampled = f"{out}/sources/{name}.npy"
             if not filesystem.exists(f"{root}/sources/{name}.npy"):
@@ -142,21 +155,18 @@ def run_evaluation(
                 filesystem.pipe_file(f"{root}/sources/{name}.npy", buffer.getvalue())
             sources[name] = (
                 sampled,
-                min(len(load_latent_file(sampled, config.latent_channels)), config.max_images),
+                min(len(load_latent_file(sampled, geometry.latent_channels)), config.max_images),
             )
-        items = plan_items(out, config, refs, sources)
-        todo = [item for item in items if not filesystem.exists(fsspec.core.url_to_fs(item["part"])[1])]
+        chunks = plan_chunks(out, config.sizes, config.chunk_images, refs, sources)
+        todo = [chunk for chunk in chunks if not filesystem.exists(fsspec.core.url_to_fs(chunk.part)[1])]
         progress(f"evaluate: {len(refs)} held-out images, {len(sources)} other source(s), "
-                 f"{len(config.sizes)} size(s): {len(items)} chunks, {len(todo)} to score")  # fmt: skip
+                 f"{len(config.sizes)} size(s): {len(chunks)} chunks, {len(todo)} to score")  # fmt: skip
         if todo:
-            _score(todo, decoder, config, progress, started)
-        manifest = _aggregate(out, items, config, inputs, time.perf_counter() - started)
-        write_json(f"{out}/manifest.json", manifest)
-        if manifest["status"] != "complete":
-            raise StageError(f"evaluation produced invalid metrics: {manifest['problems']}")
+            _score(todo, decoder, geometry, config, progress, started)
+        manifest = _aggregate(out, chunks, config, inputs, time.perf_counter() - started)
+        metrics, extra = table_logger(manifest, out)
+        finish_stage("evaluate", out, manifest, tracking, progress, metrics=metrics, extra=extra)
     progress(f"evaluate: plug-in gains table in {out}/plugin_gains.md")
-    if tracking is not None:
-        tracking(manifest, f"{out}/manifest.json")
     return manifest
 
 
@@ -167,21 +177,23 @@ def _sample(directory: str, count: int, seed: int) -> np.ndarray:
     return diffusers_latents(directory, count, seed, "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _score(todo: list[dict], decoder: str, config: EvalConfig, progress, started: float) -> None:
-    rows = map_with_actor_pool([{"item": json.dumps(item)} for item in todo], ChunkScorer, config.workers,
-                               {"config": config, "decoder": decoder})  # fmt: skip
+def _score(todo: list[Chunk], decoder: str, geometry: LatentGeometry, config: EvalConfig, progress,
+           started: float) -> None:  # fmt: skip
+    rows = map_with_actor_pool([{"index": index} for index in range(len(todo))], ChunkScorer, config.workers,
+                               {"config": config, "decoder": decoder, "vae": geometry.vae,
+                                "input_side": geometry.input_side, "chunks": todo})  # fmt: skip
     for done, row in enumerate(rows, start=1):
-        result = json.loads(row["result"])
-        progress(f"evaluate: {done}/{len(todo)} chunks ({result['part'].rsplit('/parts/', 1)[-1]}, "
-                 f"{result['images']} images, {time.perf_counter() - started:.0f}s)")  # fmt: skip
+        part = str(row["part"]).rsplit("/parts/", 1)[-1]
+        progress(f"evaluate: {done}/{len(todo)} chunks ({part}, {int(row['images'])} images, "
+                 f"{time.perf_counter() - started:.0f}s)")  # fmt: skip
 
 
-def _aggregate(out: str, items: list[dict], config: EvalConfig, inputs: dict, seconds: float) -> dict:
+def _aggregate(out: str, chunks: list[Chunk], config: EvalConfig, inputs: dict, seconds: float) -> dict:
     by_unit: dict[tuple, list] = {}
     meta = None
-    for item in items:
-        groups, meta = load_part(item["part"])
-        by_unit.setdefault((item["source"], tuple(item["size"])), []).append(groups)
+    for chunk in chunks:
+        groups, meta = load_part(chunk.part)
+        by_unit.setdefault((chunk.source, chunk.size), []).append(groups)
     results = {unit: concatenate(parts) for unit, parts in by_unit.items()}
     reference = {
         size: groups[REFERENCE] for (source, size), groups in results.items() if source == RECONSTRUCTION
@@ -213,11 +225,12 @@ def _aggregate(out: str, items: list[dict], config: EvalConfig, inputs: dict, se
         "feature_extractor_is_substitute": meta["extractor_is_substitute"],
         "lpips_trunk_pretrained": meta["lpips_trunk_pretrained"],
         "rows": rows,
-        "counts": {"chunks": len(items), "rows": len(rows)},
+        "counts": {"chunks": len(chunks), "rows": len(rows)},
         "seconds": round(seconds, 1),
         "layout": {
             "table": ["plugin_gains.md", "plugin_gains.json", "plugin_gains.csv"],
             "grids": "grids/SOURCE_HxW.png",
             "parts": "parts/SOURCE/HxW/NNNNN.npz",
         },  # fmt: skip
+        "published": {"table": "plugin_gains.md"},
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from infgen.distribution import frechet_distance, kernel_inception_distance, precision_recall
+from infgen.metrics.distribution import frechet_distance, kernel_inception_distance, precision_recall
 from pipelines.evaluation.config import EvalConfig
 from pipelines.evaluation.decoders import BASELINE, DECODERS, INFGEN
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from pipelines.errors import StageError
+from pipelines.common.errors import StageError
 
 # img2dataset keeps urllib's message as error_message; these patterns give stable, countable reasons.
 _FAILURE_PATTERNS = [

@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 
+from pipelines.common.signals import sigint_handler_kept
 from pipelines.ingest.config import DownloadConfig
 from pipelines.ingest.filters import ColumnMap
-from pipelines.signals import sigint_handler_kept
 
 SHARD_DIGITS = 5  # shard files are NNNNN.parquet
 

@@ -1,7 +1,8 @@
 """The embedded data source: LAION-like metadata plus a loopback HTTP server that serves its images.
 
 The metadata has the real LAION-Aesthetic V2 schema, and its URLs point at the server, which renders
-procedural images (infgen.synthetic) at the advertised sizes. A configurable share of rows misbehaves the
+procedural images (infgen.substitutes.synthetic) at the advertised sizes. A configurable share of rows
+misbehaves the
 ways real LAION rows do, so the ingest stage meets every failure path without the internet:
 
     ok          the advertised size, a valid JPEG
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from infgen.synthetic import make_image
+from infgen.substitutes.synthetic import make_image
 
 KINDS = (
     "ok",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipelines.errors import StageError
+from pipelines.common.errors import StageError
+from pipelines.common.files import code_version, file_sha256, read_json
 from pipelines.ingest.config import IngestConfig
-from pipelines.ingest.manifest import MANIFEST_VERSION, code_version, file_sha256, read_json
+from pipelines.ingest.stage import MANIFEST_VERSION
 
 
 def load_manifest(path: str) -> dict:

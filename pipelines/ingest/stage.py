@@ -19,24 +19,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from pipelines.errors import StageError
+from pipelines.common.errors import StageError
+from pipelines.common.files import absolute, code_version, file_sha256, read_json, resolve_inputs, write_json
+from pipelines.common.run_lock import RunLock
+from pipelines.common.stage_output import finish_stage
+from pipelines.common.tracking import StageTracking
 from pipelines.ingest import selection as select
 from pipelines.ingest.accounting import build_counts, check_counts
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.download import SHARD_DIGITS, img2dataset_arguments, run_download
 from pipelines.ingest.layout import IngestLayout
-from pipelines.ingest.manifest import (
-    MANIFEST_VERSION,
-    RunLock,
-    code_version,
-    file_sha256,
-    read_json,
-    resolve_inputs,
-    write_json,
-)
 from pipelines.ingest.verification import VerifyingResizer, verify_shard
-from pipelines.tracking import absolute
 
+MANIFEST_VERSION = 1
 Progress = Callable[[str], None]
 
 
@@ -276,10 +271,10 @@ def run_ingest(
     config: IngestConfig,
     progress: Progress = print,
     source: dict | None = None,
-    tracking: Callable[[dict, str], None] | None = None,
+    tracking: StageTracking | None = None,
 ) -> dict:
-    """Run (or resume) the stage; returns the manifest. `tracking(manifest, manifest_path)` logs it."""
-    paths = resolve_inputs(metadata)  # bad input fails here, before anything is created
+    """Run (or resume) the stage; returns the manifest, logged to MLflow when `tracking` is given."""
+    paths = resolve_inputs(metadata, "metadata")  # bad input fails here, before anything is created
     layout = IngestLayout(absolute(output))  # Ray tasks do not share the driver's current directory
     layout.make_directories()
     started = time.perf_counter()
@@ -356,15 +351,11 @@ def run_ingest(
         except StageError as error:
             problems.append(str(error))
         if problems:
-            manifest["status"] = "unbalanced"
-            write_json(layout.manifest, manifest)
-            raise StageError("ingest accounting failed: " + "; ".join(problems))
-        write_json(layout.manifest, manifest)
+            manifest.update(status="unbalanced", problems=["ingest accounting failed", *problems])
+        finish_stage("ingest", layout.root, manifest, tracking, progress)
     progress(
         f"ingest: kept {counts['buckets']['kept']} of {counts['input_rows']} rows; manifest {layout.manifest}"
     )
-    if tracking is not None:
-        tracking(manifest, layout.manifest)
     return manifest
 
 

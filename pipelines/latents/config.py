@@ -1,4 +1,4 @@
-"""The latent stage's typed configuration."""
+"""The latent stage's typed configuration and its presets (the paper's two stages and the embedded demo)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pipelines.latents.crops import CropPolicy
+from pipelines.common.crops import CropPolicy
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,10 @@ class LatentConfig:
     # Measured: 2.6 GiB for a batch of 32 at 512² on the CPU with the substitute VAE; SD-VAE on the CPU
     # needs more (raise it or lower batch_size); on a GPU the activations live in GPU memory.
     encoder_memory_gib: float = 4.0
-    # Images never trained on, for the evaluation stage (pipelines/holdout.py); 0.2 % of 5M is 10k images.
+    # Images never trained on, for the evaluation (pipelines/common/holdout.py); 0.2 % of 5M is 10k images.
     holdout_fraction: float = 0.002
     mlflow_experiment: str = "infgen-latents"
-    # How the stage runs, not what it makes: a resume may change these (pipelines/output_record.py).
+    # How the stage runs, not what it makes: a resume may change these (pipelines/common/stage_output.py).
     RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("encoders", "encoder_memory_gib")
 
     def __post_init__(self):
@@ -47,6 +47,10 @@ class LatentConfig:
             raise ValueError(f"latent config does not match this version: {error}") from None
 
 
+# Stage 1 of the paper: 512² crops → 4×64×64 latents, targets up to 1024 (the CropPolicy defaults).
+STAGE1 = LatentConfig()
+# Stage 2: the same inputs, targets up to 2048.
+STAGE2 = LatentConfig(policy=CropPolicy(max_side=2048))
 # Small enough for 2 CPU cores in seconds: 64² crops → 8×8 latents, targets 64–128 (the demo's task), in
 # coarse buckets so that a few dozen images fill whole batches of one target size.
 EMBEDDED = LatentConfig(
@@ -56,3 +60,4 @@ EMBEDDED = LatentConfig(
     encoder_memory_gib=1.0,
     holdout_fraction=0.2,  # a few dozen images: enough held out for the demo's evaluation to mean something
 )
+PRESETS = {"stage1": STAGE1, "stage2": STAGE2, "embedded": EMBEDDED}

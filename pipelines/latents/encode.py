@@ -1,9 +1,8 @@
 """Encode one ingest shard into one latent shard: pure function `encode_shard`, Ray actor `ShardEncoder`.
 
-A latent shard `NNNNN.parquet` (same name as its images shard) has LATENT_SCHEMA, one row per sample. The
-ground truth is not stored: it is the crop box of the source image (same key, same shard name) resized to
-the target size, which the trainer rebuilds (`crops.crop_pair`) instead of storing terabytes of targets.
-`NNNNN_stats.json` is written last and marks the shard done.
+A latent shard `NNNNN.parquet` (same name as its images shard) has the format of
+pipelines/common/latent_shards.py, one row per sample. `NNNNN_stats.json` is written last and marks the shard
+done.
 """
 
 from __future__ import annotations
@@ -23,41 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.holdout import is_held_out
+from pipelines.common.crops import CropSample, crop_pair, decode_rgb, plan_crops
+from pipelines.common.holdout import is_held_out
+from pipelines.common.latent_shards import SAMPLE_COLUMNS, latent_schema
 from pipelines.latents.config import LatentConfig
-from pipelines.latents.crops import CropSample, crop_pair, decode_rgb, plan_crops
 
 DECODE_THREADS = 2
 DECODE_WINDOW = 16  # images decoded ahead of the encoder
-
-SAMPLE_COLUMNS = [
-    ("key", pa.string()),
-    ("sample_index", pa.int32()),
-    ("seed", pa.int64()),
-    ("crop_top", pa.int32()),
-    ("crop_left", pa.int32()),
-    ("crop_height", pa.int32()),
-    ("crop_width", pa.int32()),
-    ("target_height", pa.int32()),
-    ("target_width", pa.int32()),
-    ("scaling_factor", pa.float32()),
-    ("shift_factor", pa.float32()),
-]
-
-
-def latent_schema(shape: tuple[int, int, int], vae_source: str) -> pa.Schema:
-    """Flat float32 latents (C·h·w per row, C-order), with the shape and the VAE in the schema metadata."""
-    fields = [pa.field(name, kind, nullable=False) for name, kind in SAMPLE_COLUMNS]
-    fields.append(pa.field("latent", pa.list_(pa.float32(), int(np.prod(shape))), nullable=False))
-    metadata = {"latent_shape": json.dumps(list(shape)), "vae": vae_source}
-    return pa.schema(fields, metadata=metadata)
-
-
-def read_latents(table: pa.Table) -> np.ndarray:
-    """(rows, C, h, w) float32 from a latent shard table."""
-    shape = json.loads(table.schema.metadata[b"latent_shape"])
-    flat = table.column("latent").combine_chunks().flatten().to_numpy()
-    return flat.reshape(len(table), *shape)
 
 
 def _samples(
@@ -153,7 +124,7 @@ class ShardEncoder:
     """Ray Data actor: loads the frozen VAE once, then encodes whole shards (one per call)."""
 
     def __init__(self, config: LatentConfig, output_dir: str, threads: int = 1):
-        from pipelines.latents.vae_source import load_frozen_vae
+        from pipelines.common.vae_source import load_frozen_vae
 
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,7 +2,8 @@
 
 One latent shard per image shard, under the same name, so the trainer finds each sample's source image and a
 rerun skips every shard whose `NNNNN_stats.json` exists. The manifest accounts for every input image: used
-(with `samples_per_image` samples) or skipped with a reason.
+(with `samples_per_image` samples) or skipped with a reason. When the shards are done the stage completes its
+record, latents.json, with the geometry every later stage reads (pipelines/common/latent_record.py).
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.actor_pool import map_with_actor_pool
-from pipelines.errors import StageError
-from pipelines.ingest.manifest import RunLock, code_version, read_json, resolve_inputs, write_json
+from pipelines.common.actor_pool import map_with_actor_pool
+from pipelines.common.crops import target_sizes
+from pipelines.common.files import absolute, code_version, resolve_inputs, write_json
+from pipelines.common.latent_record import RECORD_NAME, geometry, record_path
+from pipelines.common.latent_shards import latent_shape, read_latents
+from pipelines.common.run_lock import RunLock
+from pipelines.common.stage_output import claim_output, finish_stage
+from pipelines.common.tracking import StageTracking
 from pipelines.latents.config import LatentConfig
 from pipelines.latents.encode import ShardEncoder
-from pipelines.output_record import same_output
-from pipelines.tracking import absolute
 
 MANIFEST_VERSION = 1
 
@@ -37,10 +41,10 @@ def run_latents(
     output: str,
     config: LatentConfig,
     progress: Callable[[str], None] = print,
-    tracking: Callable[[dict, str], None] | None = None,
+    tracking: StageTracking | None = None,
 ) -> dict:
     images, output = absolute(images), absolute(output)  # the actors do not share the driver's directory
-    shards = resolve_inputs([images])  # a missing or empty folder fails here, before anything is written
+    shards = resolve_inputs([images], "images")  # a missing or empty folder fails here, before any write
     inputs = [{"shard": path.rsplit("/", 1)[-1], "rows": _rows(path)} for path in shards]
     filesystem, root = fsspec.core.url_to_fs(output)
     filesystem.makedirs(root, exist_ok=True)
@@ -48,16 +52,8 @@ def run_latents(
     started = time.perf_counter()
     with RunLock(f"{out}/_LOCK"):
         wanted = {"config": config.to_dict(), "inputs": inputs}
-        record_path = f"{out}/latents.json"
-        if filesystem.exists(f"{root}/latents.json"):
-            recorded = read_json(record_path, "latent stage record")
-            if not same_output(recorded, wanted, config.RESOURCE_FIELDS):
-                raise ValueError(
-                    f"{output} holds latents made from other images or another config; "
-                    "use a new output folder to encode with these"
-                )
-        else:
-            write_json(record_path, wanted)
+        refused = "latents made from other images or another config"
+        record = claim_output(out, RECORD_NAME, wanted, config.RESOURCE_FIELDS, refused)
         done = {
             p.rsplit("/", 1)[-1].removesuffix("_stats.json") for p in filesystem.glob(f"{root}/*_stats.json")
         }
@@ -75,13 +71,32 @@ def run_latents(
                     f"{stats['worker']} ({time.perf_counter() - started:.0f}s)"
                 )
         manifest = _manifest(out, filesystem, root, inputs, config, time.perf_counter() - started)
-        write_json(f"{out}/manifest.json", manifest)
-        if manifest["status"] != "complete":
-            raise StageError(f"latent accounting failed: {manifest['problems']}")
+        if manifest["status"] == "complete":
+            # Only now is the geometry known for sure (the VAE's channels and scaling come from the shards).
+            write_json(
+                record_path(out), {**record, "geometry": _geometry(out, filesystem, root, inputs, config)}
+            )
+        finish_stage("latents", out, manifest, tracking, progress)
     progress(f"latents: {manifest['counts']['samples']} samples from {manifest['counts']['images']} images")
-    if tracking is not None:
-        tracking(manifest, f"{out}/manifest.json")
     return manifest
+
+
+def _geometry(out: str, filesystem, root: str, inputs: list[dict], config: LatentConfig) -> dict:
+    """What the shards say about the VAE (label, latent shape, scaling) plus the crop policy's sizes."""
+    label, shape, scaling = None, None, None
+    for entry in inputs:
+        with filesystem.open(f"{root}/{entry['shard']}", "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            label = parquet.schema_arrow.metadata[b"vae"].decode()
+            shape = latent_shape(parquet.schema_arrow)
+            if parquet.metadata.num_rows:
+                first = parquet.read_row_group(0, columns=["scaling_factor", "shift_factor"]).slice(0, 1)
+                scaling = (first.column(0)[0].as_py(), first.column(1)[0].as_py())
+                break
+    if scaling is None:
+        raise ValueError(f"latents in {out}: no shard holds a sample, so the VAE's scaling is unknown")
+    return geometry(config.vae, label, shape, scaling[0], scaling[1], config.policy.input_side,
+                    target_sizes(config.policy))  # fmt: skip
 
 
 def _manifest(
@@ -97,8 +112,8 @@ def _manifest(
         totals.update(images=stats["images"], images_used=stats["images_used"], samples=stats["samples"])
         if vae is None:
             with filesystem.open(f"{root}/{entry['shard']}", "rb") as handle:
-                metadata = pq.read_schema(handle).metadata
-            vae, shape = metadata[b"vae"].decode(), json.loads(metadata[b"latent_shape"])
+                schema = pq.read_schema(handle)
+            vae, shape = schema.metadata[b"vae"].decode(), list(latent_shape(schema))
     counts = {"images": totals["images"], "images_used": totals["images_used"], "skipped": dict(skipped),
               "samples": totals["samples"]}  # fmt: skip
     problems = []
@@ -120,7 +135,7 @@ def _manifest(
         "inputs": inputs,
         "counts": counts,
         "seconds": round(seconds, 1),
-        "layout": {"latents": "NNNNN.parquet", "stats": "NNNNN_stats.json"},
+        "layout": {"latents": "NNNNN.parquet", "stats": "NNNNN_stats.json", "record": RECORD_NAME},
     }
 
 
@@ -136,7 +151,7 @@ def latent_digest(output: str) -> str:
         for column in table.column_names:
             chunk = table.column(column).combine_chunks()
             if column == "latent":
-                digest.update(np.ascontiguousarray(chunk.flatten().to_numpy()).tobytes())
+                digest.update(np.ascontiguousarray(read_latents(table)).tobytes())
             else:
                 digest.update(json.dumps(chunk.to_pylist()).encode())
     return digest.hexdigest()

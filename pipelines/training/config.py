@@ -1,10 +1,18 @@
 """Training configuration: one typed tree per stage; the DeepSpeed JSON is generated from it, never written by
-hand (so precision, batch and clipping cannot disagree between our loop and DeepSpeed's)."""
+hand (so precision, batch and clipping cannot disagree between our loop and DeepSpeed's).
+
+What the latents fix is not restated here: the decoder's latent channels, its in-distribution scale and the
+default validation sizes come from the latent stage's record (pipelines/common/latent_record.py).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+from infgen.discriminator import DiscriminatorConfig
+from infgen.losses import LossConfig
 
 
 @dataclass(frozen=True)
@@ -28,12 +36,11 @@ class TrainConfig:
     global_batch: int = 32
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     ema_decay: float = 0.9999
-    l1_weight: float = 1.0
-    perceptual_weight: float = 0.1
-    gan_weight: float = 0.1
-    gan_start_step: int = 50_000
-    loss_crop: int = 512  # LPIPS and the discriminator see random crops of this side (memory at 2048²)
-    discriminator_channels: int = 64
+    # L1 + 0.1·LPIPS + 0.1·GAN (docs/paper.md, "Training"); LPIPS and the discriminator see random crops of
+    # loss.perceptual_crop (memory at 2048²); GroupNorm in 16 groups so the small discriminators divide.
+    loss: LossConfig = field(
+        default_factory=lambda: LossConfig(discriminator=DiscriminatorConfig(norm_groups=16))
+    )
     activation_checkpointing: bool = True  # paper@1024² batch 4 peaks at 129 GiB without (bench/README.md)
     precision: str = "bf16"  # "bf16" or "fp32" ("fp16" is not supported on CPU, and bf16 is safer on GPU)
     zero_stage: int = 1
@@ -42,11 +49,12 @@ class TrainConfig:
     checkpoint_every: int = 5_000
     log_every: int = 50  # MLflow metrics every this many steps
     print_every: int = 50  # a progress line every this many steps (and at the last)
-    validation_sizes: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024), (768, 1344))
+    # Decoded for the MLflow grid at the end; None: the latent record's (1×, largest square, widest).
+    validation_sizes: tuple[tuple[int, int], ...] | None = None
     seed: int = 0
-    fail_at_step: int | None = None  # testing: raise once at this step (exercises restart-from-checkpoint)
-    nan_loss_at_step: int | None = None  # testing: rank 0's loss is NaN at this step (exercises the skip)
     mlflow_experiment: str = "infgen-train"
+    # How the stage runs, not what it trains: a resume may change these (pipelines/common/stage_output.py).
+    RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "log_every", "print_every")
 
     def __post_init__(self):
         if self.precision not in ("bf16", "fp32"):
@@ -58,8 +66,8 @@ class TrainConfig:
         for name in ("steps", "checkpoint_every", "log_every", "print_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.gan_start_step < 0:
-            raise ValueError(f"gan_start_step must be ≥ 0, got {self.gan_start_step}")
+        if self.loss.gan_start_step < 0:
+            raise ValueError(f"loss.gan_start_step must be ≥ 0, got {self.loss.gan_start_step}")
 
     @property
     def micro_batch(self) -> int:
@@ -75,8 +83,14 @@ class TrainConfig:
         for key in ("betas", "discriminator_betas"):
             if key in optimizer:
                 optimizer[key] = tuple(optimizer[key])
-        data["validation_sizes"] = tuple(tuple(size) for size in data.get("validation_sizes", ()))
-        return cls(optimizer=OptimizerConfig(**optimizer), **data)
+        if data.get("validation_sizes") is not None:
+            data["validation_sizes"] = tuple(tuple(size) for size in data["validation_sizes"])
+        loss = dict(data.pop("loss", {}))
+        loss["discriminator"] = DiscriminatorConfig(**loss.get("discriminator", {}))
+        return cls(optimizer=OptimizerConfig(**optimizer), loss=LossConfig(**loss), **data)
+
+    def with_gan_start(self, step: int) -> TrainConfig:
+        return dataclasses.replace(self, loss=dataclasses.replace(self.loss, gan_start_step=step))
 
     def deepspeed_config(self, discriminator: bool = False) -> dict:
         """DeepSpeed's JSON for the generator (or the discriminator) engine."""
@@ -110,21 +124,18 @@ class TrainConfig:
 
 STAGE1 = TrainConfig()
 STAGE2 = dataclasses.replace(
-    STAGE1, stage="stage2", steps=100_000, global_batch=8, gan_start_step=0, checkpoint_every=2_000,
-    validation_sizes=((1024, 1024), (2048, 2048), (1152, 2048)),
-)  # fmt: skip
+    STAGE1, stage="stage2", steps=100_000, global_batch=8, checkpoint_every=2_000,
+).with_gan_start(0)  # fmt: skip
 # The same two stages at CPU scale: tiny model, 8×8 latents → ≤ 128² targets, 2 workers, fp32.
 STAGE1_SMALL = dataclasses.replace(
-    STAGE1, stage="stage1-small", model_preset="tiny", model_overrides={"in_distribution_scale": 2.0},
+    STAGE1, stage="stage1-small", model_preset="tiny",
     steps=12, global_batch=4, num_workers=2, use_gpu=False, precision="fp32", zero_stage=0,
-    activation_checkpointing=False,
-    gan_start_step=6, loss_crop=32, discriminator_channels=16, checkpoint_every=4, log_every=1,
-    print_every=10,
+    activation_checkpointing=False, checkpoint_every=4, log_every=1, print_every=10,
     ema_decay=0.9, optimizer=OptimizerConfig(peak_lr=1e-3, final_lr=5e-5, warmup_steps=2),
-    validation_sizes=((64, 64), (128, 128), (96, 160)),
+    loss=LossConfig(gan_start_step=6, perceptual_crop=32,
+                    discriminator=DiscriminatorConfig(base_channels=16, norm_groups=16)),
 )  # fmt: skip
 STAGE2_SMALL = dataclasses.replace(
-    STAGE1_SMALL, stage="stage2-small", steps=8, global_batch=2, gan_start_step=0,
-    validation_sizes=((128, 128), (256, 256), (128, 224)),
-)  # fmt: skip
+    STAGE1_SMALL, stage="stage2-small", steps=8, global_batch=2
+).with_gan_start(0)
 PRESETS = {"stage1": STAGE1, "stage2": STAGE2, "stage1-small": STAGE1_SMALL, "stage2-small": STAGE2_SMALL}

@@ -3,7 +3,7 @@
 Every global batch has one target size (bucketed), and batch number g is a pure function of (seed, g): the
 "data position" in a checkpoint is just g, so a resumed run sees exactly the batches the uninterrupted run
 would have. Rank r takes its slice of each global batch. The ground truth is rebuilt from the source image
-and the stored crop box (see pipelines/latents/encode.py).
+and the stored crop box (pipelines/common/latent_shards.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.latents.crops import CropSample, crop_pair, decode_rgb
-from pipelines.latents.encode import read_latents
+from pipelines.common.crops import CropSample, crop_pair, decode_rgb
+from pipelines.common.latent_shards import read_latents
 
 PLAN_COLUMNS = ["key", "target_height", "target_width"]
 

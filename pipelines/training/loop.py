@@ -6,6 +6,10 @@ the loss comes from a generator seeded by (seed, step, rank), so a resumed run r
 step for step. Bad data policy: a latent batch of the wrong shape or with non-finite values is an error
 naming the batch (a data bug to fix, not noise); a non-finite loss skips the step on every rank, is counted
 and logged, and more than `MAX_SKIPPED_IN_A_ROW` in a row stops the run.
+
+Tests inject faults through `hooks` (an object passed in, never part of the config):
+`hooks.before_step(step, rank, run_dir)` may raise, and `hooks.loss(total, step, rank)` may replace the loss
+(tests/training_faults.py).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -38,7 +41,7 @@ def lr_lambda(config):
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases or the INPE (infgen-paper.md §2.2)."""
+    """No weight decay on norms, biases or the INPE (docs/paper.md, "Defaults where the paper is silent")."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         (no_decay if parameter.ndim < 2 or "inpe" in name else decay).append(parameter)
@@ -62,31 +65,23 @@ class Engines:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
-def build_engines(config, init_from: str | None = None) -> Engines:
+def build_engines(config, init_from: str | None = None, model_config=None) -> Engines:
     """The model, EMA, loss and both DeepSpeed engines from the typed config (no Ray: the torch process group
-    must already exist, or DeepSpeed sets one up from RANK/WORLD_SIZE/MASTER_ADDR/... itself)."""
+    must already exist, or DeepSpeed sets one up from RANK/WORLD_SIZE/MASTER_ADDR/... itself). `model_config`
+    (an InfGenConfig) defaults to the config's preset with its overrides; the training stage passes the one
+    it derived from the latent record."""
     import deepspeed
 
     import infgen
-    from infgen.discriminator import DiscriminatorConfig
-    from infgen.losses import DecoderLoss, LossConfig
+    from infgen.losses import DecoderLoss
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = infgen.InfGen(infgen.preset(config.model_preset, **config.model_overrides))
+    model = infgen.InfGen(model_config or infgen.preset(config.model_preset, **config.model_overrides))
     if init_from:
         model.load_state_dict(infgen.load(init_from).state_dict())
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # fp32, whatever precision the engine trains in
     model.set_activation_checkpointing(config.activation_checkpointing)
-    loss = DecoderLoss(
-        LossConfig(
-            l1_weight=config.l1_weight,
-            perceptual_weight=config.perceptual_weight,
-            gan_weight=config.gan_weight,
-            gan_start_step=config.gan_start_step,
-            perceptual_crop=config.loss_crop,
-            discriminator=DiscriminatorConfig(base_channels=config.discriminator_channels, norm_groups=16),
-        )
-    )
+    loss = DecoderLoss(config.loss)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, config.optimizer.weight_decay),
@@ -106,7 +101,7 @@ def build_engines(config, init_from: str | None = None) -> Engines:
 
 
 def train_step(
-    parts: Engines, config, latents: torch.Tensor, truth: torch.Tensor, step: int, rank: int
+    parts: Engines, config, latents: torch.Tensor, truth: torch.Tensor, step: int, rank: int, hooks=None
 ) -> dict | None:
     """One step of both engines and the EMA on this rank's batch → the step's metrics (floats), or None when
     the loss was not finite on some rank: then no rank updates anything (every rank takes the same branch,
@@ -120,8 +115,8 @@ def train_step(
     prediction = engine(latents, size)
     crops = _crop_generator(config.seed, step, rank, 0)
     losses = loss.generator_loss(prediction, truth, step, generator=crops)
-    if config.nan_loss_at_step == step and rank == 0:  # testing hook: one rank only, the hard case
-        losses["total"] = losses["total"] * float("nan")
+    if hooks is not None:
+        losses["total"] = hooks.loss(losses["total"], step, rank)
     # On the engines' device: NCCL (GPU workers) reduces only device tensors.
     finite = torch.isfinite(losses["total"].detach()).to(torch.float32).reshape(1)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -147,6 +142,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
+    import infgen
     from pipelines.training.config import TrainConfig
     from pipelines.training.data import LatentBatches
     from pipelines.training.mlflow_rank0 import RankZeroLogger
@@ -156,10 +152,12 @@ def train_loop(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
 
-    parts = build_engines(config, loop_config.get("init_from"))
+    model_config = infgen.InfGenConfig.from_dict(loop_config["model"])
+    parts = build_engines(config, loop_config.get("init_from"), model_config)
     engine, discriminator, ema = parts.generator, parts.discriminator, parts.ema
     data = LatentBatches(loop_config["latents"], loop_config["images"], config.global_batch, config.seed)
     logger = RankZeroLogger(loop_config, rank)
+    hooks = loop_config.get("hooks")
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -176,13 +174,14 @@ def train_loop(loop_config: dict) -> None:
     skipped_total, skipped_in_a_row = 0, 0
     for step in range(start_step, config.steps):
         step_started = time.perf_counter()
-        _maybe_fail(config, step, loop_config)
+        if hooks is not None:
+            hooks.before_step(step, rank, loop_config["output"])
         latents, truth = data.batch(step, rank, world)
         if latents.shape[1:2] != expected_latent:
             raise ValueError(
                 f"batch {step}: latents of shape {tuple(latents.shape)}; decoder takes C={expected_latent[0]}"
             )
-        metrics = train_step(parts, config, latents, truth, step, rank)
+        metrics = train_step(parts, config, latents, truth, step, rank, hooks)
         if metrics is None:
             skipped_total, skipped_in_a_row = skipped_total + 1, skipped_in_a_row + 1
             logger.line(f"train: step {step}: non-finite loss, batch skipped ({skipped_total} so far)")
@@ -200,18 +199,6 @@ def train_loop(loop_config: dict) -> None:
 
     if rank == 0:
         logger.finish(ema, data, config)
-
-
-def _maybe_fail(config, step: int, loop_config: dict) -> None:
-    """Testing hook: fail once at `fail_at_step`; Ray Train then restarts the workers from a checkpoint."""
-    if config.fail_at_step != step:
-        return
-    marker = Path(loop_config["storage"]) / loop_config["name"] / "injected_failure"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
-    raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
 
 
 def _checkpoint(engine, discriminator, ema, step: int, rank: int, metrics: dict, Checkpoint, config) -> None:

@@ -16,7 +16,9 @@ class RankZeroLogger:
     def __init__(self, loop_config: dict, rank: int):
         self.active = rank == 0
         self.run_id = loop_config.get("mlflow_run_id")
-        self.output = Path(loop_config["storage"]) / loop_config["name"]
+        self.output = Path(loop_config["output"])
+        self.validation_sizes = [tuple(size) for size in loop_config["validation_sizes"]]
+        self.latent_geometry = loop_config.get("latent_geometry")
         self.validation = loop_config.get("validation_latents")  # held-out latents (.npz), or None
         self.client = None
         if self.active and self.run_id:
@@ -51,7 +53,8 @@ class RankZeroLogger:
         import infgen
 
         decoder_dir = self.output / "final_decoder"
-        infgen.save(ema, decoder_dir, {"stage": config.stage, "steps": config.steps})
+        infgen.save(ema, decoder_dir, {"stage": config.stage, "steps": config.steps,
+                                       "latents": self.latent_geometry})  # fmt: skip
         if not self.client:
             return
         self.client.log_artifacts(self.run_id, str(decoder_dir), "decoder")
@@ -65,7 +68,7 @@ class RankZeroLogger:
             self.client.set_tag(self.run_id, "infgen.validation_keys", "none held out: training latents")
         latents = latents.to(next(ema.parameters()).device)
         with torch.no_grad(), tempfile.TemporaryDirectory() as scratch:
-            for height, width in config.validation_sizes:
+            for height, width in self.validation_sizes:
                 images = infgen.decode(ema, latents, (height, width)).cpu()  # (B, 3, H, W) in [-1, 1]
                 grid = torch.cat(list(images), dim=2)  # side by side
                 array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()

@@ -1,47 +1,63 @@
-"""The training stage's driver: a Ray Train TorchTrainer over `train_loop`, one MLflow run per training run.
+"""The training stage's driver: a Ray Train TorchTrainer over `train_loop`, one MLflow run per training run,
+OUTPUT/manifest.json at the end like every other stage.
 
-Resume: rerun with the same storage path and name; Ray Train restores the latest checkpoint, and worker
-failures within a run restart from it on their own (`max_failures`). The MLflow run is found again by its
-`infgen.run_name` tag, so a resumed run keeps logging into the same MLflow run.
+OUTPUT is the run's folder: Ray Train's storage path is its parent and the run's name its base name, so
+checkpoints, losses.jsonl, validation latents and the final decoder all live under it. Resume: rerun with the
+same output; Ray Train restores the latest checkpoint, and worker failures within a run restart from it on
+their own (`max_failures`). The MLflow run is found again by its tags, so a resumed run keeps logging into the
+same MLflow run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from pathlib import Path
 
-from pipelines.signals import sigint_handler_kept
-from pipelines.tracking import absolute, flatten, local_artifact_location
+from pipelines.common.files import absolute, code_version, file_sha256
+from pipelines.common.latent_record import LatentRecord, read_latent_record
+from pipelines.common.run_lock import RunLock
+from pipelines.common.signals import sigint_handler_kept
+from pipelines.common.stage_output import claim_output, finish_stage
+from pipelines.common.tracking import StageTracking, experiment_id, find_or_create_run, flatten
 from pipelines.training.config import TrainConfig
 from pipelines.training.loop import train_loop
 from pipelines.training.validation import write_validation_latents
 
+MANIFEST_VERSION = 1
+RECORD_NAME = "training.json"
+DECODER_DIR = "final_decoder"
 
-def mlflow_run(tracking_uri: str, config: TrainConfig, name: str, parent_run_id: str | None) -> str:
+
+def model_config(config: TrainConfig, record: LatentRecord):
+    """The decoder's InfGenConfig: the preset and its overrides, with what the latents fix taken from their
+    record (the latent channels, and the in-distribution scale: how far beyond the input side the training
+    targets reach, which decides when decoding must extrapolate)."""
+    import infgen
+
+    derived = {
+        "latent_channels": record.latent_channels,
+        "in_distribution_scale": record.in_distribution_scale,
+    }
+    return infgen.preset(config.model_preset, **{**config.model_overrides, **derived})
+
+
+def mlflow_run(tracking: StageTracking, config: TrainConfig, name: str) -> str:
     """The MLflow run of this training run: created with the config as params, or found again on resume."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(config.mlflow_experiment)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(config.mlflow_experiment, local_artifact_location(tracking_uri))
-    )
-    query = f"tags.`infgen.run_name` = '{name}'"
-    if parent_run_id:  # workflows share an experiment: stage1 of this workflow, not of an earlier one
-        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    found = client.search_runs([experiment_id], query, max_results=1)
-    if found:
-        return found[0].info.run_id
-    tags = {"infgen.run_name": name, "mlflow.runName": name}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, tags=tags)
-    for key, value in flatten(config.to_dict()).items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
-    client.log_dict(run.info.run_id, config.deepspeed_config(), "deepspeed_generator.json")
-    return run.info.run_id
+    client = MlflowClient(tracking.uri)
+    experiment = experiment_id(client, tracking.experiment or config.mlflow_experiment, tracking.uri)
+    # Workflows share an experiment: stage1 of this workflow (its parent run), not of an earlier one.
+    tags = {"infgen.run_name": name, **tracking.tags(name)}
+
+    def log_config(run_id: str) -> None:
+        for key, value in flatten(config.to_dict()).items():
+            client.log_param(run_id, key, str(value)[:6000])
+        client.log_dict(run_id, config.deepspeed_config(), "deepspeed_generator.json")
+
+    return find_or_create_run(client, experiment, tags, name, on_create=log_config)
 
 
 def worker_environment(use_gpu: bool) -> dict[str, str]:
@@ -57,51 +73,86 @@ def run_training(
     config: TrainConfig,
     latents: str,
     images: str,
-    storage: str,
-    name: str,
-    tracking_uri: str,
+    output: str,
+    tracking: StageTracking,
     init_from: str | None = None,
-    parent_run_id: str | None = None,
     max_failures: int = 1,
+    hooks=None,
 ) -> dict:
-    """Train (or resume) one stage; returns {"decoder": final EMA decoder dir, "mlflow_run_id", "metrics"}."""
+    """Train (or resume) one stage into `output`; returns the manifest ("decoder": the final EMA decoder's
+    folder, "mlflow_run_id", "metrics"...). `hooks`: test fault injection (pipelines/training/loop.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage, latents, images = absolute(storage), absolute(latents), absolute(images)
+    output, latents, images = absolute(output).rstrip("/"), absolute(latents), absolute(images)
     init_from = absolute(init_from) if init_from else None
-    run_id = mlflow_run(tracking_uri, config, name, parent_run_id)
-    validation = write_validation_latents(images, latents, f"{storage}/{name}/validation_latents.npz")
-    loop_config = {
-        "train": config.to_dict(),
-        "latents": latents,
-        "images": images,
-        "storage": storage,
-        "name": name,
-        "init_from": init_from,
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": run_id,
-        "validation_latents": validation,
-        "threads_per_worker": 1
-        if not config.use_gpu
-        else max(1, (os.cpu_count() or 2) // config.num_workers),
-    }
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": worker_environment(config.use_gpu)},
-        ),
-    )
-    with sigint_handler_kept():  # Ray Train's fit leaves its own SIGINT handler installed
-        result = trainer.fit()
-    if result.error:
-        raise result.error
-    decoder = str(Path(storage) / name / "final_decoder")
-    return {"decoder": decoder, "mlflow_run_id": run_id, "metrics": dict(result.metrics or {})}
+    record = read_latent_record(latents)  # bad input fails here, before anything is written
+    decoder_config = model_config(config, record)
+    geometry = {key: value for key, value in dataclasses.asdict(record).items() if key != "path"}
+    inputs = {"latents": latents, "images": images, "init_from": init_from, "latent_geometry": geometry}
+    os.makedirs(output, exist_ok=True)
+    started = time.perf_counter()
+    with RunLock(f"{output}/_LOCK"):
+        wanted = {"config": config.to_dict(), "inputs": inputs}
+        refused = "a training run with another config or other inputs"
+        claim_output(output, RECORD_NAME, wanted, config.RESOURCE_FIELDS, refused)
+        name = tracking.run_name or os.path.basename(output)
+        run_id = mlflow_run(tracking, config, name)
+        validation = write_validation_latents(images, record, f"{output}/validation_latents.npz")
+        loop_config = {
+            "train": config.to_dict(),
+            "model": decoder_config.to_dict(),
+            "latents": latents,
+            "images": images,
+            "output": output,
+            "init_from": init_from,
+            "tracking_uri": tracking.uri,
+            "mlflow_run_id": run_id,
+            "validation_latents": validation,
+            "validation_sizes": [list(size) for size in config.validation_sizes or record.validation_sizes()],
+            "latent_geometry": geometry,
+            "hooks": hooks,
+            "threads_per_worker": 1
+            if not config.use_gpu
+            else max(1, (os.cpu_count() or 2) // config.num_workers),
+        }
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+            run_config=RunConfig(
+                name=os.path.basename(output),
+                storage_path=os.path.dirname(output),
+                failure_config=FailureConfig(max_failures=max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                worker_runtime_env={"env_vars": worker_environment(config.use_gpu)},
+            ),
+        )
+        with sigint_handler_kept():  # Ray Train's fit leaves its own SIGINT handler installed
+            result = trainer.fit()
+        if result.error:
+            raise result.error
+        decoder = str(Path(output) / DECODER_DIR)
+        weights = f"{DECODER_DIR}/model.safetensors"
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "status": "complete",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "code_version": code_version(),
+            "config": config.to_dict(),
+            "model": decoder_config.to_dict(),
+            "inputs": inputs,
+            "decoder": decoder,
+            "mlflow_run_id": run_id,
+            "metrics": dict(result.metrics or {}),
+            "counts": {"steps": config.steps},
+            "seconds": round(time.perf_counter() - started, 1),
+            # The files this manifest vouches for (a workflow notices when one changes behind its back), and
+            # what a workflow shows on its own run.
+            "checksums": {weights: file_sha256(f"{output}/{weights}")},
+            "published": {"decoder": DECODER_DIR},
+        }
+        finish_stage("train", output, manifest, tracking=None)  # the run was logged as it trained
+    print(f"train: final EMA decoder in {decoder} (MLflow run {run_id})")
+    return manifest

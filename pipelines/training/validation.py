@@ -1,6 +1,6 @@
-"""Validation latents for the training run's MLflow grid: images the latent stage held out (never trained on),
-cropped and encoded exactly as the evaluation's reconstruction source does (largest centred square, squashed
-to the crop policy's encoder input, posterior mean of the same frozen VAE). Computed once on the driver
+"""Validation latents for the training run's MLflow grid: images the latent stage held out (never trained
+on), cropped and encoded exactly as the evaluation's reconstruction source does
+(pipelines/common/reconstruction.py, with the latent record's VAE and input side). Computed once on the driver
 before training and kept beside the run, so a resumed run decodes the same latents."""
 
 from __future__ import annotations
@@ -9,31 +9,27 @@ import os
 
 import numpy as np
 
+from pipelines.common.holdout import held_out_images
+from pipelines.common.latent_record import LatentRecord
+from pipelines.common.reconstruction import encode_crops, read_images
+from pipelines.common.vae_source import load_frozen_vae
+
 VALIDATION_IMAGES = 4
 
 
-def write_validation_latents(
-    images: str, latents: str, path: str, count: int = VALIDATION_IMAGES
-) -> str | None:
+def write_validation_latents(images: str, record: LatentRecord, path: str,
+                             count: int = VALIDATION_IMAGES) -> str | None:  # fmt: skip
     """Encode up to `count` held-out images into `path` (.npz: latents (N, C, h, w) scaled, keys); return the
     path, or None (saying why) when the latent stage held nothing out."""
-    from pipelines.evaluation.ground_truth import encode_crops, read_images
-    from pipelines.evaluation.sources import held_out_images
-    from pipelines.ingest.manifest import read_json
-    from pipelines.latents.config import LatentConfig
-    from pipelines.latents.vae_source import load_frozen_vae
-
     if os.path.isfile(path):
         return path
     try:
-        refs = held_out_images(images, latents, count)
+        refs = held_out_images(images, record.path, count)
     except ValueError as reason:
         print(f"train: no validation latents ({reason}); the validation grid decodes training latents")
         return None
-    record = read_json(f"{latents.rstrip('/')}/latents.json", "latent stage record")
-    config = LatentConfig.from_dict(record["config"])
-    side = config.policy.input_side
-    vae, label = load_frozen_vae(config.vae, "cpu")
+    side = record.input_side
+    vae, label = load_frozen_vae(record.vae, "cpu")
     latents, _ = encode_crops(vae, read_images(refs), (side, side), side)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.partial.npz"

@@ -1,4 +1,7 @@
-"""The crop policy (infgen-paper.md §2.2): what each training sample cuts out of a high-resolution image.
+"""Crop geometry shared by the stages: the training crop policy (docs/paper.md, "Training"), the centred crops
+of evaluation and validation, and the pixel operations that cut and resize them.
+
+The policy: what each training sample cuts out of a high-resolution image.
 
 A sample is a crop of the source with the aspect ratio of a target-size bucket, at least as large as the
 target on both sides (the ground truth is never upscaled). The same crop is resized to the target size (the
@@ -50,6 +53,12 @@ def buckets(policy: CropPolicy) -> list[tuple[int, int]]:
     return [(h, w) for h in sides for w in sides if 1 / limit <= w / h <= limit]
 
 
+def target_sizes(policy: CropPolicy) -> list[tuple[int, int]]:
+    """Every target size a sample can have: the buckets and the two square anchors."""
+    anchors = [(policy.input_side, policy.input_side), (2 * policy.input_side, 2 * policy.input_side)]
+    return sorted(set(buckets(policy)) | set(anchors))
+
+
 def sample_seed(seed: int, key: str, index: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{key}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1  # fits int64
@@ -87,6 +96,15 @@ def plan_crops(
         left = int(rng.integers(0, image_width - width + 1))
         samples.append(CropSample(top, left, height, width, target_height, target_width, seed_here))
     return samples
+
+
+def centred_sample(image_height: int, image_width: int, size: tuple[int, int]) -> CropSample:
+    """The largest centred crop with the aspect ratio of `size` (height, width), resized to `size`."""
+    height, width = size
+    crop_height, crop_width = largest_crop(image_height, image_width, width / height)
+    return CropSample(top=(image_height - crop_height) // 2, left=(image_width - crop_width) // 2,
+                      height=crop_height, width=crop_width, target_height=height, target_width=width,
+                      seed=0)  # fmt: skip
 
 
 def decode_rgb(data: bytes) -> Image.Image:

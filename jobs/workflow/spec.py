@@ -6,14 +6,14 @@
     tracking_uri: null                 # default: sqlite:///RUN_DIR/mlflow.db
     stages:
       - name: ingest
-        command: ingest                # ingest | latents | train | evaluate (the `infgen` subcommands)
+        command: ingest                # ingest | latents | train | evaluate (jobs/registry.py)
         options: {embedded: 120}       # the command's options, no dashes; `{stage}`: that stage's output
       - name: latents
         command: latents
         options: {images: "{ingest}/images", preset: embedded}
 
-Options are checked with the command's own parser when the file is loaded, so a typo fails before anything
-runs, with the stage and option named.
+Each stage's options become the command's typed options when the file is loaded (jobs/options.py), so a typo,
+a bad choice or a bad number fails before anything runs, with the stage and option named.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from pathlib import Path
 
 import yaml
 
-COMMANDS = ("ingest", "latents", "train", "evaluate")
-# Options the workflow sets itself: the output location and MLflow nesting.
-RESERVED = {"output", "storage", "name", "tracking-uri", "parent-run-id", "experiment", "run-name",
-            "ray-address"}  # fmt: skip
+from jobs.context import RunContext
+from jobs.options import flag_name, from_mapping, to_argv
+from jobs.registry import COMMANDS, STAGE_COMMANDS
+
+# Options the workflow sets itself: where a stage writes, and where and under which run it logs.
+RESERVED = {"output", *(flag_name(name) for name in RunContext.__dataclass_fields__)}
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -36,7 +38,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 class StageSpec:
     name: str
     command: str
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # as written in the file (placeholders unresolved)
 
     def upstream(self) -> list[str]:
         """Stages whose outputs this one reads, in order of first mention."""
@@ -60,6 +62,9 @@ class WorkflowSpec:
 
     def stage_names(self) -> list[str]:
         return [stage.name for stage in self.stages]
+
+    def stage(self, name: str) -> StageSpec:
+        return next(stage for stage in self.stages if stage.name == name)
 
     def select(self, first: str | None, last: str | None) -> list[StageSpec]:
         names = self.stage_names()
@@ -101,8 +106,8 @@ def load_workflow(path: str | Path) -> WorkflowSpec:
         name, command, options = entry.get("name"), entry.get("command"), entry.get("options") or {}
         if not isinstance(name, str) or not NAME.match(name) or name in seen or name == "workflow":
             raise ValueError(f"{where}: name {name!r} must be a new plain name (letters, digits, - and _)")
-        if command not in COMMANDS:
-            raise ValueError(f"{where} ({name}): command {command!r} is not one of {COMMANDS}")
+        if command not in STAGE_COMMANDS:
+            raise ValueError(f"{where} ({name}): command {command!r} is not one of {STAGE_COMMANDS}")
         if not isinstance(options, dict):
             raise ValueError(f"{where} ({name}): options must be a mapping")
         stage = StageSpec(name, command, {str(k): v for k, v in options.items()})
@@ -118,94 +123,34 @@ def load_workflow(path: str | Path) -> WorkflowSpec:
                         experiment=str(data.get("experiment") or "infgen-workflow"),
                         tracking_uri=data.get("tracking_uri"), source=str(path))  # fmt: skip
     for stage in spec.stages:
-        stage_arguments(spec, stage, run_dir="RUN_DIR")  # parses with the command's own parser
+        stage_options(spec, stage, run_dir="RUN_DIR")  # every option checked before anything runs
     return spec
 
 
 def stage_output(run_dir: str, stage: StageSpec) -> str:
-    """Where a stage writes: RUN_DIR/<name> (for train: Ray Train storage RUN_DIR, run name <name>)."""
+    """Where a stage writes: RUN_DIR/<name>."""
     return f"{run_dir.rstrip('/')}/{stage.name}"
 
 
-def stage_arguments(spec: WorkflowSpec, stage: StageSpec, run_dir: str) -> list[str]:
-    """The `infgen` command line of a stage (without tracking options), validated by its parser."""
+def stage_options(spec: WorkflowSpec, stage: StageSpec, run_dir: str):
+    """The stage's typed options, with `{stage}` placeholders resolved against `run_dir`."""
     outputs = {other.name: stage_output(run_dir, other) for other in spec.stages}
-    repeated = _append_options(stage.command)
-    known = {flag for action in _command_actions(stage.command) for flag in action.option_strings}
-    arguments = [stage.command]
-    for option, value in stage.options.items():
-        if f"--{option}" not in known:  # argparse would take an abbreviation; records need the full name
-            raise ValueError(
-                f"workflow file {spec.source}, stage {stage.name}: unknown option {option!r} for "
-                f"`infgen {stage.command}` (options are spelled out in full, without dashes)"
-            )
-        if value is True:
-            arguments.append(f"--{option}")
-            continue
-        if value is False or value is None:
-            continue
-        values = [PLACEHOLDER.sub(lambda m: outputs[m.group(1)], str(item))
-                  for item in (value if isinstance(value, list) else [value])]  # fmt: skip
-        if f"--{option}" in repeated:  # action="append": the flag once per value
-            for item in values:
-                arguments += [f"--{option}", item]
-        else:  # nargs="+" (or a single value): the flag once, then the values
-            arguments += [f"--{option}", *values]
-    if stage.command == "train":
-        arguments += ["--storage", run_dir, "--name", stage.name]
-    else:
-        arguments += ["--output", outputs[stage.name]]
-    _check(arguments, f"workflow file {spec.source}, stage {stage.name}")
-    return arguments
-
-
-def output_arguments(stage: StageSpec, arguments: list[str]) -> list[str]:
-    """A stage's command line without its resource options (one value each): what its output depends on."""
-    dropped = {f"--{field.replace('_', '-')}" for field in _resource_fields(stage.command)}
-    kept, remaining = [], iter(arguments)
-    for argument in remaining:
-        if argument in dropped:
-            next(remaining, None)  # and its value
-        else:
-            kept.append(argument)
-    return kept
-
-
-def _resource_fields(command: str) -> tuple[str, ...]:
-    """The config fields that say how a stage runs, not what it makes (pipelines/output_record.py); each is
-    the command's option of the same name. Changing one resumes a stage instead of superseding its output."""
-    from pipelines.evaluation.config import EvalConfig
-    from pipelines.latents.config import LatentConfig
-
-    return {"latents": LatentConfig.RESOURCE_FIELDS, "evaluate": EvalConfig.RESOURCE_FIELDS}.get(command, ())
-
-
-def _command_actions(command: str) -> list:
-    import argparse
-
-    from jobs.cli import build_parser
-
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return subparsers.choices[command]._actions
-
-
-def _append_options(command: str) -> set[str]:
-    import argparse
-
-    return {flag for action in _command_actions(command) if isinstance(action, argparse._AppendAction)
-            for flag in action.option_strings}  # fmt: skip
-
-
-def _check(arguments: list[str], where: str) -> None:
-    import contextlib
-    import io
-
-    from jobs.cli import build_parser
-
-    errors = io.StringIO()
+    resolved = {
+        option: [PLACEHOLDER.sub(lambda m: outputs[m.group(1)], str(item)) for item in value]
+        if isinstance(value, list)
+        else PLACEHOLDER.sub(lambda m: outputs[m.group(1)], value)
+        if isinstance(value, str)
+        else value
+        for option, value in stage.options.items()
+    }
     try:
-        with contextlib.redirect_stderr(errors):
-            build_parser().parse_args(arguments)
-    except SystemExit:
-        message = errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else "bad options"
-        raise ValueError(f"{where}: {message.partition('error: ')[2] or message}") from None
+        return from_mapping(COMMANDS[stage.command].options, resolved, stage.command,
+                            fixed={"output": outputs[stage.name]})  # fmt: skip
+    except ValueError as error:
+        raise ValueError(f"workflow file {spec.source}, stage {stage.name}: {error}") from None
+
+
+def stage_arguments(spec: WorkflowSpec, stage: StageSpec, run_dir: str) -> list[str]:
+    """The stage's `infgen` command line (without the run context): what a Ray job runs, and what the
+    workflow's record of the stage shows."""
+    return [stage.command, *to_argv(stage_options(spec, stage, run_dir))]

@@ -1,8 +1,9 @@
-"""Held-out images → (encoder input, ground truth at a target size), the reconstruction source's pairs.
+"""Held-out images → (encoder input, ground truth at a target size) → latents: what the evaluation's
+reconstruction source scores and what training's validation grid decodes, computed one way for both.
 
 The crop is the largest centred one with the target's aspect ratio; like the training crops
-(pipelines/latents/crops.py) it is squashed to input_side² for the encoder and resized to the target for the
-ground truth, so evaluation asks the decoder exactly the task it was trained on.
+(pipelines/common/crops.py) it is squashed to input_side² for the encoder and resized to the target for the
+ground truth, so the decoder is asked exactly the task it was trained on.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.latents.crops import CropSample, crop_pair, decode_rgb, largest_crop
+from pipelines.common.crops import centred_sample, crop_pair, decode_rgb
 
 
 def read_images(refs: list[dict]) -> list:
@@ -38,14 +39,9 @@ def read_images(refs: list[dict]) -> list:
 
 def crop_pairs(images: list, size: tuple[int, int], input_side: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """(encoder inputs (N, input_side, input_side, 3) uint8, [ground truth H×W×3 uint8])."""
-    height, width = size
     inputs, truths = [], []
     for image in images:
-        crop_height, crop_width = largest_crop(image.height, image.width, width / height)
-        sample = CropSample(top=(image.height - crop_height) // 2, left=(image.width - crop_width) // 2,
-                            height=crop_height, width=crop_width, target_height=height, target_width=width,
-                            seed=0)  # fmt: skip
-        encoder_input, truth = crop_pair(image, sample, input_side)
+        encoder_input, truth = crop_pair(image, centred_sample(image.height, image.width, size), input_side)
         inputs.append(encoder_input)
         truths.append(truth)
     return np.stack(inputs), truths
@@ -53,8 +49,7 @@ def crop_pairs(images: list, size: tuple[int, int], input_side: int) -> tuple[np
 
 def encode_crops(vae, images: list, size: tuple[int, int], input_side: int) -> tuple[np.ndarray, list]:
     """(scaled latents (N, C, h, w) float32, [ground truth H×W×3 uint8]) of `crop_pairs`: the posterior mean,
-    so the same image always gives the same latent (the reconstruction source and training's validation grid).
-    """
+    so the same image always gives the same latent."""
     import torch
 
     from infgen.images import from_uint8

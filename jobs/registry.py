@@ -1,0 +1,44 @@
+"""The commands: each a typed entry point `run(options, context) → manifest`, with its options dataclass.
+
+The CLI (jobs/cli.py) builds its parsers from here; the workflow (jobs/workflow/) builds options from YAML
+and runs stages through here, with no command line in between; a Ray job gets a command line made from the
+options (jobs.options.to_argv). Stage commands write OUTPUT/manifest.json and take the run context
+(jobs/context.py); `decode` is a tool, not a stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jobs import decode_command, evaluate_command, ingest_command, latents_command, train_command
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    options: type  # the options dataclass
+    run: Callable  # (options, RunContext) → manifest (a stage) or the tool's result
+    resource_fields: Callable[[], tuple[str, ...]] = tuple  # options that say how it runs, not what it makes
+    stage: bool = True  # writes OUTPUT/manifest.json; may run in a workflow
+
+
+COMMANDS: dict[str, Command] = {
+    command.name: command
+    for command in (
+        Command("decode", "decode latents to images of any size", decode_command.DecodeOptions,
+                decode_command.run_decode, stage=False),
+        Command("ingest", "metadata → verified >2 MP images in Parquet shards (Ray)",
+                ingest_command.IngestOptions, ingest_command.run_ingest_command),
+        Command("latents", "image shards → frozen-VAE latent shards (Ray Data)",
+                latents_command.LatentsOptions, latents_command.run_latents_command,
+                latents_command.resource_fields),
+        Command("train", "one decoder training stage (Ray Train + DeepSpeed)", train_command.TrainOptions,
+                train_command.run_train_command, train_command.resource_fields),
+        Command("evaluate", "InfGen vs stock VAE decoder: FID/FIDp/PSNR... (Ray)",
+                evaluate_command.EvaluateOptions, evaluate_command.run_evaluate_command,
+                evaluate_command.resource_fields),
+    )
+}  # fmt: skip
+STAGE_COMMANDS = tuple(name for name, command in COMMANDS.items() if command.stage)

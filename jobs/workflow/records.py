@@ -1,0 +1,106 @@
+"""The workflow's records, RUN_DIR/workflow/<stage>.json: what each stage last ran with, and what it made.
+
+A record holds the stage's command line (`arguments`, for people and for Ray jobs), the hash of its config
+(`config_hash`: its options, without the resource ones), the hashes of its inputs (the outputs of the stages
+it reads) and the hash of its own output. A stage is up to date when all three still match.
+
+A stage's output hash is the sha256 of OUTPUT/manifest.json once its status is "complete", provided every
+file the manifest vouches for (`checksums`, e.g. training's final decoder) still has the recorded bytes; a
+missing, unfinished or tampered output has none. Every stage is treated alike: there is no per-command case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+
+import fsspec
+
+from jobs.options import add_arguments, from_namespace, output_defining
+from jobs.registry import COMMANDS
+from jobs.workflow.spec import StageSpec, WorkflowSpec, stage_arguments, stage_output
+from pipelines.common.files import exists, file_sha256, write_json
+
+RECORD_VERSION = 1
+
+
+def text_hash(values) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def output_hash(output: str) -> str | None:
+    """sha256 of the output's manifest, None when the stage has not finished there (or a file the manifest
+    vouches for has changed since)."""
+    filesystem, local = fsspec.core.url_to_fs(f"{output.rstrip('/')}/manifest.json")
+    if not filesystem.exists(local):
+        return None
+    content = filesystem.cat_file(local)
+    manifest = json.loads(content)
+    if manifest.get("status") != "complete":
+        return None
+    for relative, digest in (manifest.get("checksums") or {}).items():
+        path = f"{output.rstrip('/')}/{relative}"
+        if not exists(path) or file_sha256(path) != digest:
+            return None
+    return hashlib.sha256(content).hexdigest()
+
+
+def config_hash(command: str, arguments: list[str]) -> str | None:
+    """The hash of what a stage's output depends on, from its command line (`arguments` starts with the
+    command): recomputed from every record, so records written before an option counted as a resource
+    option (and left the hash) still match. None when the line no longer parses (an older command)."""
+    parser = argparse.ArgumentParser(prog=f"infgen {command}", exit_on_error=False, add_help=False)
+    add_arguments(parser, COMMANDS[command].options)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its complaint before exiting
+            options = from_namespace(COMMANDS[command].options, parser.parse_args(arguments[1:]))
+    except (argparse.ArgumentError, ValueError, SystemExit):
+        return None
+    return text_hash(output_defining(options, COMMANDS[command].resource_fields()))
+
+
+class StageRecords:
+    def __init__(self, spec: WorkflowSpec, run_dir: str):
+        self.spec, self.run_dir = spec, run_dir
+        self.folder = f"{run_dir}/workflow"
+
+    def path(self, stage: StageSpec) -> str:
+        return f"{self.folder}/{stage.name}.json"
+
+    def read(self, stage: StageSpec) -> dict | None:
+        filesystem, local = fsspec.core.url_to_fs(self.path(stage))
+        return json.loads(filesystem.cat_file(local)) if filesystem.exists(local) else None
+
+    def write(self, stage: StageSpec, record: dict) -> None:
+        write_json(self.path(stage), {"record_version": RECORD_VERSION, "stage": stage.name, **record})
+
+    def output(self, stage: StageSpec) -> str:
+        return stage_output(self.run_dir, stage)
+
+    def output_hash(self, stage: StageSpec) -> str | None:
+        return output_hash(self.output(stage))
+
+    def wanted(self, stage: StageSpec) -> dict:
+        """What a finished stage's record must say for the stage to be skipped."""
+        arguments = stage_arguments(self.spec, stage, self.run_dir)
+        inputs = {upstream: self.output_hash(self.spec.stage(upstream)) for upstream in stage.upstream()}
+        return {
+            "arguments": arguments,
+            "config_hash": config_hash(stage.command, arguments),
+            "inputs": inputs,
+        }
+
+    def same_config_and_inputs(self, stage: StageSpec, record: dict, wanted: dict) -> bool:
+        recorded = config_hash(stage.command, record.get("arguments") or [stage.command])
+        return (recorded, record.get("inputs")) == (wanted["config_hash"], wanted["inputs"])
+
+    def up_to_date(self, stage: StageSpec, wanted: dict) -> bool:
+        record = self.read(stage)
+        if not record or record.get("status") != "complete":
+            return False
+        return self.same_config_and_inputs(stage, record, wanted) and record[
+            "output_hash"
+        ] == self.output_hash(stage)

@@ -1,0 +1,44 @@
+"""Faults the training tests inject: objects passed as `hooks` to run_training / train_step (never part of a
+training config). Pickled by value, so Ray Train's workers, which cannot import the tests folder, get them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import ray.cloudpickle
+
+
+class FailOnceAt:
+    """Raise once at `step` (a marker file in the run's folder remembers it): Ray Train then restarts the
+    workers from the last checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def before_step(self, step: int, rank: int, run_dir: str) -> None:
+        marker = Path(run_dir) / "injected_failure"
+        if step != self.step or marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(step))
+        raise RuntimeError(f"injected failure at step {step}")
+
+    def loss(self, total, step: int, rank: int):
+        return total
+
+
+class NonFiniteLossAt:
+    """Rank 0's loss is NaN at `step`, the other ranks' are not: the hard case for the skip."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def before_step(self, step: int, rank: int, run_dir: str) -> None:
+        pass
+
+    def loss(self, total, step: int, rank: int):
+        return total * float("nan") if step == self.step and rank == 0 else total
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
