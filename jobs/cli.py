@@ -20,6 +20,10 @@ from jobs.context import RunContext
 from jobs.options import add_arguments, from_namespace
 from jobs.registry import COMMANDS
 
+# The packages of the `pipeline` extra (pyproject.toml), by import name.
+PIPELINE_PACKAGES = {"ray", "deepspeed", "img2dataset", "pyarrow", "fsspec", "lpips", "mlflow", "cleanfid",
+                     "diffusers", "scipy", "yaml", "pandas", "requests"}  # fmt: skip
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infgen", description=__doc__.split("\n")[0])
@@ -61,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0] if argv else "infgen"
     try:
         run_arguments(argv)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in PIPELINE_PACKAGES:
+            raise
+        # `pip install infgen` is the model library; the stages need the pipeline extra.
+        print(f"infgen {name}: needs {error.name}, which is not installed: pip install 'infgen[pipeline]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
     except (ValueError, FileNotFoundError) as error:
         # Bad input is the user's to fix: say what is wrong, without a traceback through our internals.
         print(f"infgen {name}: error: {error}", file=sys.stderr)

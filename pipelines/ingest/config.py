@@ -14,7 +14,8 @@ from pipelines.ingest.filters import ColumnMap, FilterConfig
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    """img2dataset settings (ecosystem.md §1). Shards hold ~1000 >2 MP images: 0.5–2 GB each."""
+    """img2dataset settings (docs/dependencies.md, "img2dataset"). Shards hold ~1000 >2 MP images: 0.5–2 GB
+    each."""
 
     samples_per_shard: int = 1000
     thread_count: int = 64  # per Ray task (one task per shard, 1 CPU each)

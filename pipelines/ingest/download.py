@@ -1,8 +1,8 @@
 """Download the selection with img2dataset on Ray.
 
 img2dataset runs its reader and logger here, on the driver, and one Ray task per shard of
-`samples_per_shard` rows (`distributor="ray"`; ecosystem.md §1.3), through our distributor below, which adds
-the connection-time address guard and shard retries. Its incremental mode skips shards whose
+`samples_per_shard` rows (`distributor="ray"`; docs/dependencies.md, "img2dataset"), through our distributor
+below, which adds the connection-time address guard and shard retries. Its incremental mode skips shards whose
 `NNNNN_stats.json` exists, which is what makes a killed run resumable: the rerun redoes only unfinished
 shards under the same keys, because the selection (its input) is byte-for-byte the same.
 
