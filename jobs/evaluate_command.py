@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from jobs.context import RunContext
-from jobs.options import option
+from jobs.options import option, overrides
 
 
 def preset_names() -> tuple[str, ...]:
@@ -85,9 +85,8 @@ def build_config(options: EvaluateOptions):
     changes = {"seed": options.seed, "inception": options.inception, "lpips_trunk": options.lpips_trunk}
     if options.sizes:
         changes["sizes"] = tuple(parse_size(s if "x" in s else f"{s}x{s}") for s in options.sizes)
-    for name in ("max_images", "patches_per_image", "patch_mode", "workers"):
-        if getattr(options, name) is not None:
-            changes[name] = getattr(options, name)
+    names = ("max_images", "patches_per_image", "patch_mode", "workers")
+    changes.update(overrides(options, {name: name for name in names}))
     return dataclasses.replace(PRESETS[options.preset], **changes)
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from jobs.context import RunContext
-from jobs.options import option
+from jobs.options import option, overrides
 
 
 def preset_names() -> tuple[str, ...]:
@@ -48,10 +48,8 @@ def resource_fields() -> tuple[str, ...]:
 def build_config(options: LatentsOptions):
     from pipelines.latents.config import PRESETS
 
-    changes = {"seed": options.seed, "vae": options.vae}
-    for name in ("samples_per_image", "encoders", "encoder_memory_gib", "holdout_fraction"):
-        if getattr(options, name) is not None:
-            changes[name] = getattr(options, name)
+    names = ("samples_per_image", "encoders", "encoder_memory_gib", "holdout_fraction")
+    changes = {"seed": options.seed, "vae": options.vae, **overrides(options, {name: name for name in names})}
     return dataclasses.replace(PRESETS[options.preset], **changes)
 
 

@@ -125,6 +125,13 @@ def add_arguments(parser: argparse.ArgumentParser, options_class: type) -> None:
         parser.add_argument(flag, **arguments)
 
 
+def overrides(options, fields: Mapping[str, str]) -> dict[str, Any]:
+    """{config field: option value} for the options in `fields` ({option: config field}) that were given
+    (not None): what a command changes in its preset."""
+    given = {name: getattr(options, name) for name in fields}
+    return {fields[name]: value for name, value in given.items() if value is not None}
+
+
 def from_namespace(options_class: type, namespace: argparse.Namespace):
     return options_class(**{field.name: getattr(namespace, field.name) for field in _fields(options_class)})
 

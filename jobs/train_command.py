@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from jobs.context import RunContext
-from jobs.options import option
+from jobs.options import option, overrides
 
 
 def preset_names() -> tuple[str, ...]:
@@ -47,12 +47,9 @@ def resource_fields() -> tuple[str, ...]:
 def build_config(options: TrainOptions):
     from pipelines.training.config import PRESETS
 
-    overrides = {"steps": "steps", "workers": "num_workers", "checkpoint_every": "checkpoint_every"}
-    changes = {field: getattr(options, name) for name, field in overrides.items()
-               if getattr(options, name) is not None}  # fmt: skip
-    config = dataclasses.replace(
-        PRESETS[options.preset], **changes
-    )  # bad values fail here, before Ray starts
+    # bad values fail here, before Ray starts
+    fields = {"steps": "steps", "workers": "num_workers", "checkpoint_every": "checkpoint_every"}
+    config = dataclasses.replace(PRESETS[options.preset], **overrides(options, fields))
     if options.gan_start_step is not None:
         config = config.with_gan_start(options.gan_start_step)
     return config
