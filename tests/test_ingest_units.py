@@ -71,12 +71,12 @@ def test_download_failure_reasons():
 
 def candidates(urls, files=None, seed=0):
     urls = pd.Series(urls)
-    return {
-        "file_index": np.asarray(files if files is not None else [0] * len(urls), dtype=np.int64),
-        "row": np.arange(len(urls), dtype=np.int64),
-        "order": select.selection_order(urls, seed),
-        "digest": select.url_digests(urls),
-    }
+    return select.Candidates(
+        file_index=np.asarray(files if files is not None else [0] * len(urls), dtype=np.int64),
+        row=np.arange(len(urls), dtype=np.int64),
+        order=select.selection_order(urls, seed),
+        digest=select.url_digests(urls),
+    )
 
 
 def test_duplicates_keep_the_first_occurrence():
