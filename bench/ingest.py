@@ -1,6 +1,7 @@
-"""Ingest benchmark: images/s of the whole ingest stage (selection on Ray Data, img2dataset on Ray through our
-distributor, verification, accounting, manifest) against a plain `img2dataset.download` of the same selected
-URLs from the same loopback server, measured in the same run on the same Ray cluster. Target: ratio ≥ 0.9.
+"""Ingest benchmark: images/s of the whole ingest stage (selection as Ray tasks, img2dataset on Ray through
+our distributor, verification, accounting, manifest) against a plain `img2dataset.download` of the same
+selected URLs from the same loopback server, measured in the same run on the same Ray cluster. Target: ratio
+≥ 0.9.
 
     infra/isolated.sh .venv/bin/python bench/ingest.py [--rows 1200] [--rounds 2]
 

@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     except (ValueError, FileNotFoundError) as error:
-        # Bad input is the user's to fix: say what is wrong, without a traceback through our internals.
-        print(f"infgen {name}: error: {error}", file=sys.stderr)
+        # Bad input is the user's to fix: say what is wrong, without a traceback through our internals. A
+        # Ray task's error carries the remote traceback; its cause is the message.
+        print(f"infgen {name}: error: {getattr(error, 'cause', None) or error}", file=sys.stderr)
         return 2
     except StageError as error:
         print(f"infgen {name}: stopped: {error}", file=sys.stderr)
