@@ -95,11 +95,26 @@ def _convert(field: dataclasses.Field, kind: _Kind, text: str) -> Any:
 
 
 # --- the command line -----------------------------------------------------------------------------------
+class _HelpWithChoices(str):
+    """A help text that lists its option's choices when argparse formats it (`help % params`), so choices
+    defined in heavy modules are imported only for `--help` of that command, never to build the parser."""
+
+    def __new__(cls, text: str, field: dataclasses.Field):
+        help_text = super().__new__(cls, text)
+        help_text.field = field
+        return help_text
+
+    def __mod__(self, params) -> str:
+        return f"{str.__mod__(self, params)} (one of: {', '.join(_choices(self.field))})"
+
+
 def add_arguments(parser: argparse.ArgumentParser, options_class: type) -> None:
     for field in _fields(options_class):
         kind = _kind(options_class, field)
         flag = f"--{flag_name(field.name)}"
         help_text = field.metadata["help"]
+        if field.metadata["choices"] is not None:
+            help_text = _HelpWithChoices(help_text, field)
         if kind.base is bool:
             parser.add_argument(flag, dest=field.name, action="store_true", help=help_text)
             continue
