@@ -104,6 +104,6 @@ def run_evaluate_command(options: EvaluateOptions, context: RunContext) -> dict:
         latent_files=latent_files, pipelines=pipelines, tracking=context.tracking(), vae=options.vae,
         input_side=options.input_side,
     )  # fmt: skip
-    if "://" not in options.output:
+    if "://" not in options.output and context.parent_run_id is None:  # a workflow prints it at its end
         print(open(f"{options.output.rstrip('/')}/plugin_gains.md").read())
     return manifest
