@@ -16,13 +16,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from jobs.context import RunContext
-from jobs.options import option, overrides
+from jobs.options import names_in, option, overrides
 
-
-def preset_names() -> tuple[str, ...]:
-    from pipelines.evaluation.config import PRESETS
-
-    return tuple(PRESETS)
+# How the stage runs, not what it makes: changing these resumes (the config's own list).
+RESOURCE_FIELDS = names_in("pipelines.evaluation.config", "EvalConfig.RESOURCE_FIELDS")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +29,9 @@ class EvaluateOptions:
     latents: str | None = option(
         None, help="the latent stage's output: its held-out images are evaluated (default: all images)"
     )
-    preset: str = option("paper", choices=preset_names, help="sizes and patch protocol")
+    preset: str = option(
+        "paper", choices=names_in("pipelines.evaluation.config", "PRESETS"), help="sizes and patch protocol"
+    )
     sizes: list[str] = option([], help="target sizes, e.g. 512 1024 768x1344 (default: the preset's)")
     latent_file: list[str] = option(
         [], repeat=True, metavar="NAME=PATH",
@@ -58,12 +57,6 @@ class EvaluateOptions:
     workers: int | None = option(None, help="evaluation actors (one GPU each when there are GPUs)")
     seed: int = option(0, help="patch positions and sampled latents")
     output: str = option(help="evaluation folder (local or fsspec URL)")
-
-
-def resource_fields() -> tuple[str, ...]:
-    from pipelines.evaluation.config import EvalConfig
-
-    return EvalConfig.RESOURCE_FIELDS
 
 
 def named_paths(values: list[str], option_name: str) -> dict[str, str]:

@@ -11,19 +11,20 @@ import dataclasses
 from dataclasses import dataclass
 
 from jobs.context import RunContext
-from jobs.options import option, overrides
+from jobs.options import names_in, option, overrides
 
-
-def preset_names() -> tuple[str, ...]:
-    from pipelines.latents.config import PRESETS
-
-    return tuple(PRESETS)
+# How the stage runs, not what it makes: changing these resumes (the config's own list).
+RESOURCE_FIELDS = names_in("pipelines.latents.config", "LatentConfig.RESOURCE_FIELDS")
 
 
 @dataclass(frozen=True, kw_only=True)
 class LatentsOptions:
     images: str = option(help="the ingest stage's images/ folder (local or fsspec URL)")
-    preset: str = option("stage1", choices=preset_names, help="crop policy and sizes (default stage1)")
+    preset: str = option(
+        "stage1",
+        choices=names_in("pipelines.latents.config", "PRESETS"),
+        help="crop policy and sizes (default stage1)",
+    )
     vae: str | None = option(
         None, help="diffusers AutoencoderKL dir or hub id (default: embedded offline substitute)"
     )
@@ -37,12 +38,6 @@ class LatentsOptions:
         None, help="host memory each VAE actor reserves in Ray (default 4; 1 for the embedded preset)"
     )
     output: str = option(help="latent shard folder (local or fsspec URL)")
-
-
-def resource_fields() -> tuple[str, ...]:
-    from pipelines.latents.config import LatentConfig
-
-    return LatentConfig.RESOURCE_FIELDS
 
 
 def build_config(options: LatentsOptions):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -37,6 +39,17 @@ def option(default: Any = _UNSET, *, help: str, choices: Choices = None, repeat:
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def names_in(module: str, attribute: str) -> Callable[[], tuple[str, ...]]:
+    """A function giving the names in `module`.`attribute` (a dict's keys, a tuple's items), importing the
+    module only when called: presets and resource fields live in the stages' config modules, which the
+    instant `infgen --help` must not import."""
+
+    def names() -> tuple[str, ...]:
+        return tuple(functools.reduce(getattr, attribute.split("."), importlib.import_module(module)))
+
+    return names
 
 
 def flag_name(field_name: str) -> str:

@@ -33,12 +33,12 @@ COMMANDS: dict[str, Command] = {
                 ingest_command.IngestOptions, ingest_command.run_ingest_command),
         Command("latents", "image shards → frozen-VAE latent shards (Ray Data)",
                 latents_command.LatentsOptions, latents_command.run_latents_command,
-                latents_command.resource_fields),
+                latents_command.RESOURCE_FIELDS),
         Command("train", "one decoder training stage (Ray Train + DeepSpeed)", train_command.TrainOptions,
-                train_command.run_train_command, train_command.resource_fields),
+                train_command.run_train_command, train_command.RESOURCE_FIELDS),
         Command("evaluate", "InfGen vs stock VAE decoder: FID/FIDp/PSNR... (Ray)",
                 evaluate_command.EvaluateOptions, evaluate_command.run_evaluate_command,
-                evaluate_command.resource_fields),
+                evaluate_command.RESOURCE_FIELDS),
     )
 }  # fmt: skip
 STAGE_COMMANDS = tuple(name for name, command in COMMANDS.items() if command.stage)

@@ -12,18 +12,17 @@ import dataclasses
 from dataclasses import dataclass
 
 from jobs.context import RunContext
-from jobs.options import option, overrides
+from jobs.options import names_in, option, overrides
 
-
-def preset_names() -> tuple[str, ...]:
-    from pipelines.training.config import PRESETS
-
-    return tuple(PRESETS)
+# How the stage runs, not what it makes: changing these resumes (the config's own list).
+RESOURCE_FIELDS = names_in("pipelines.training.config", "TrainConfig.RESOURCE_FIELDS")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainOptions:
-    preset: str = option(choices=preset_names, help="stage config (-small: CPU scale)")
+    preset: str = option(
+        choices=names_in("pipelines.training.config", "PRESETS"), help="stage config (-small: CPU scale)"
+    )
     latents: str = option(help="the latent stage's output folder")
     images: str = option(help="the ingest stage's images/ folder")
     init_from: str | None = option(
@@ -36,12 +35,6 @@ class TrainOptions:
         None, help="override the step the GAN term starts at (a fraction of --steps)"
     )
     output: str = option(help="the run's folder: checkpoints, losses, final_decoder/, manifest.json")
-
-
-def resource_fields() -> tuple[str, ...]:
-    from pipelines.training.config import TrainConfig
-
-    return TrainConfig.RESOURCE_FIELDS
 
 
 def build_config(options: TrainOptions):

@@ -5,5 +5,5 @@ shard format (latent_record, latent_shards), the frozen VAE's source (vae_source
 Ctrl-C handling (signals).
 
 Stage packages (ingest, latents, training, evaluation) import only this layer and `infgen`, never each other
-(tests/test_imports.py checks the graph); docs/architecture.md draws it.
+(tests/test_architecture.py checks the graph); docs/architecture.md draws it.
 """

@@ -14,6 +14,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from pipelines.common.files import resolve_inputs
+from pipelines.common.latent_record import read_latent_record
 
 
 def is_held_out(key: str, fraction: float, seed: int) -> bool:
@@ -28,8 +29,6 @@ def holdout_rule(latents: str | None) -> tuple[float, int]:
     stage (an ingest kept apart for evaluation), every image: (1.0, 0)."""
     if latents is None:
         return 1.0, 0
-    from pipelines.common.latent_record import read_latent_record
-
     record = read_latent_record(latents)
     return record.holdout_fraction, record.seed
 

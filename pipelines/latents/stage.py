@@ -70,20 +70,20 @@ def run_latents(
                     f"{stats['images']} images in {stats['finished'] - stats['started']:.0f}s on "
                     f"{stats['worker']} ({time.perf_counter() - started:.0f}s)"
                 )
-        manifest = _manifest(out, filesystem, root, inputs, config, time.perf_counter() - started)
+        encoded_by = _encoded_by(filesystem, root, inputs)
+        manifest = _manifest(filesystem, root, inputs, config, encoded_by, time.perf_counter() - started)
         if manifest["status"] == "complete":
             # Only now is the geometry known for sure (the VAE's channels and scaling come from the shards).
-            write_json(
-                record_path(out), {**record, "geometry": _geometry(out, filesystem, root, inputs, config)}
-            )
+            write_json(record_path(out), {**record, "geometry": _geometry(out, config, *encoded_by)})
         finish_stage("latents", out, manifest, tracking, progress)
     progress(f"latents: {manifest['counts']['samples']} samples from {manifest['counts']['images']} images")
     return manifest
 
 
-def _geometry(out: str, filesystem, root: str, inputs: list[dict], config: LatentConfig) -> dict:
-    """What the shards say about the VAE (label, latent shape, scaling) plus the crop policy's sizes."""
-    label, shape, scaling = None, None, None
+def _encoded_by(filesystem, root: str, inputs: list[dict]) -> tuple[str, tuple, tuple[float, float] | None]:
+    """What the shards say about the VAE that wrote them: its label and latent shape (schema metadata), and
+    its (scaling, shift) from the first shard holding a sample (None when none does)."""
+    label, shape = None, None
     for entry in inputs:
         with filesystem.open(f"{root}/{entry['shard']}", "rb") as handle:
             parquet = pq.ParquetFile(handle)
@@ -91,29 +91,27 @@ def _geometry(out: str, filesystem, root: str, inputs: list[dict], config: Laten
             shape = latent_shape(parquet.schema_arrow)
             if parquet.metadata.num_rows:
                 first = parquet.read_row_group(0, columns=["scaling_factor", "shift_factor"]).slice(0, 1)
-                scaling = (first.column(0)[0].as_py(), first.column(1)[0].as_py())
-                break
+                return label, shape, (first.column(0)[0].as_py(), first.column(1)[0].as_py())
+    return label, shape, None
+
+
+def _geometry(out: str, config: LatentConfig, label: str, shape: tuple, scaling) -> dict:
+    """The shards' VAE facts plus the crop policy's sizes: the record's geometry."""
     if scaling is None:
         raise ValueError(f"latents in {out}: no shard holds a sample, so the VAE's scaling is unknown")
     return geometry(config.vae, label, shape, scaling[0], scaling[1], config.policy.input_side,
                     target_sizes(config.policy))  # fmt: skip
 
 
-def _manifest(
-    out: str, filesystem, root: str, inputs: list[dict], config: LatentConfig, seconds: float
-) -> dict:
+def _manifest(filesystem, root: str, inputs: list[dict], config: LatentConfig, encoded_by: tuple,
+              seconds: float) -> dict:  # fmt: skip
     skipped: Counter = Counter()
     totals = Counter()
-    vae, shape = None, None
     for entry in inputs:
         stem = entry["shard"].removesuffix(".parquet")
         stats = json.loads(filesystem.cat_file(f"{root}/{stem}_stats.json"))
         skipped.update(stats["skipped"])
         totals.update(images=stats["images"], images_used=stats["images_used"], samples=stats["samples"])
-        if vae is None:
-            with filesystem.open(f"{root}/{entry['shard']}", "rb") as handle:
-                schema = pq.read_schema(handle)
-            vae, shape = schema.metadata[b"vae"].decode(), list(latent_shape(schema))
     counts = {"images": totals["images"], "images_used": totals["images_used"], "skipped": dict(skipped),
               "samples": totals["samples"]}  # fmt: skip
     problems = []
@@ -130,8 +128,8 @@ def _manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code_version": code_version(),
         "config": config.to_dict(),
-        "vae": vae,
-        "latent_shape": shape,
+        "vae": encoded_by[0],
+        "latent_shape": list(encoded_by[1]),
         "inputs": inputs,
         "counts": counts,
         "seconds": round(seconds, 1),
