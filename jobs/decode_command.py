@@ -17,7 +17,8 @@ class DecodeOptions:
     out: str = option(help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     vae: str | None = option(
         None,
-        help="frozen VAE (diffusers dir or hub id) for re-encoding: needed only beyond the training range",
+        help="frozen VAE (diffusers dir or hub id) for re-encoding beyond the training range (default: the "
+        "one the decoder was trained with, as its checkpoint records)",
     )
     device: str = option("cpu", help="torch device")
     dtype: str = option("float32", choices=("float32", "bfloat16"), help="weights and activations")
@@ -45,13 +46,52 @@ def load_latents(path: str | Path):
     return torch.from_numpy(array.astype(np.float32))
 
 
+def recorded_vae(checkpoint: str) -> tuple[bool, str | None]:
+    """(whether the checkpoint records its latents' VAE, that VAE: a path or hub id, None = the embedded
+    substitute). Training writes the latent stage's geometry into the decoder's metadata
+    (pipelines/training/mlflow_rank0.py, "latents"); a decoder saved otherwise records nothing."""
+    from infgen.checkpoint import read_metadata
+
+    geometry = read_metadata(checkpoint).get("latents")
+    if not isinstance(geometry, dict) or "vae" not in geometry:
+        return False, None
+    return True, geometry["vae"]
+
+
+def extrapolation_vae(args: DecodeOptions, model, latents, size, steps, dtype):
+    """The frozen VAE that re-encodes between extrapolation steps: --vae, else the one the checkpoint
+    records (the embedded substitute through the loader every stage uses); an error naming both when
+    neither is there."""
+    from infgen.vae import VAE_DOWNSAMPLE_FACTOR, FrozenVAE
+
+    if args.vae:
+        return FrozenVAE.load(args.vae, device=args.device, dtype=dtype)
+    recorded, source = recorded_vae(args.checkpoint)
+    if not recorded:
+        raise ValueError(
+            f"size {size[0]}x{size[1]} is beyond this decoder's training range "
+            f"({model.config.in_distribution_scale}x the latent's "
+            f"{latents.shape[2] * VAE_DOWNSAMPLE_FACTOR}x{latents.shape[3] * VAE_DOWNSAMPLE_FACTOR}) and "
+            f"{args.checkpoint} records no VAE it was trained with (no 'latents' geometry in its config.json "
+            f"metadata): pass --vae so it can extrapolate in {len(steps)} steps {steps}"
+        )
+    from pipelines.common.vae_source import load_frozen_vae
+
+    try:
+        vae, label = load_frozen_vae(source, args.device)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"the VAE {source!r} recorded in {args.checkpoint} cannot be loaded ({error}); "
+                         "pass --vae") from None  # fmt: skip
+    print(f"re-encoding with the VAE the decoder was trained with: {label}")
+    return vae
+
+
 def run_decode(args: DecodeOptions, context=None) -> list[Path]:
     import torch
 
     import infgen
     from infgen.decode import extrapolation_sizes, parse_size
     from infgen.images import save_png
-    from infgen.vae import VAE_DOWNSAMPLE_FACTOR
 
     size = parse_size(args.size)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -61,16 +101,7 @@ def run_decode(args: DecodeOptions, context=None) -> list[Path]:
     steps = extrapolation_sizes(tuple(latents.shape[2:]), size, model.config.in_distribution_scale)
     started = time.perf_counter()
     if len(steps) > 1:
-        if not args.vae:
-            raise ValueError(
-                f"size {size[0]}x{size[1]} is beyond this decoder's training range "
-                f"({model.config.in_distribution_scale}x the latent's "
-                f"{latents.shape[2] * VAE_DOWNSAMPLE_FACTOR}x{latents.shape[3] * VAE_DOWNSAMPLE_FACTOR}):"
-                f" pass --vae so it can extrapolate in {len(steps)} steps {steps}"
-            )
-        from infgen.vae import FrozenVAE
-
-        vae = FrozenVAE.load(args.vae, device=args.device, dtype=dtype)
+        vae = extrapolation_vae(args, model, latents, size, steps, dtype)
         print(f"extrapolating in {len(steps)} steps: {' -> '.join(f'{h}x{w}' for h, w in steps)}")
         images = infgen.extrapolate(model, vae, latents, size, **options)
     else:

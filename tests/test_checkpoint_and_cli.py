@@ -93,3 +93,48 @@ def test_extrapolation_re_encodes_with_the_frozen_vae(checkpoint, tiny_vae_direc
         + ["--out", str(tmp_path / "big.png"), "--vae", str(tiny_vae_directory)]
     )
     assert code == 0 and Image.open(tmp_path / "big.png").size == (200, 256)
+
+
+def test_decode_extrapolates_with_the_vae_its_checkpoint_records(checkpoint, tiny_vae_directory, tmp_path,
+                                                                 capsys):  # fmt: skip
+    model, _ = checkpoint
+    # What training writes: the latent stage's geometry, whose `vae` names the VAE the latents came from.
+    directory = infgen.save(model, tmp_path / "trained", {"latents": {"vae": str(tiny_vae_directory)}})
+    np.save(tmp_path / "z.npy", torch.randn(1, 4, 4, 4).numpy())
+    arguments = ["decode", "--checkpoint", str(directory), "--latents", str(tmp_path / "z.npy"),
+                 "--size", "128x128", "--out", str(tmp_path / "big.png")]  # fmt: skip
+    assert main(arguments) == 0
+    assert str(tiny_vae_directory) in capsys.readouterr().out
+    assert Image.open(tmp_path / "big.png").size == (128, 128)
+    # --vae still wins: a VAE that does not exist fails, naming it, although the record names a good one
+    assert main([*arguments, "--vae", str(tmp_path / "no_such_vae")]) != 0
+    assert "no_such_vae" in capsys.readouterr().err
+
+
+def test_decode_beyond_the_range_without_a_recorded_vae_says_so(checkpoint, tmp_path, capsys):
+    _, directory = checkpoint  # saved with {"step": 7}: no latent geometry
+    np.save(tmp_path / "z.npy", torch.randn(1, 4, 4, 4).numpy())
+    arguments = ["decode", "--checkpoint", str(directory), "--latents", str(tmp_path / "z.npy"),
+                 "--size", "128x128", "--out", str(tmp_path / "big.png")]  # fmt: skip
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "records no VAE" in error and "--vae" in error and str(directory) in error
+
+
+def test_a_recorded_embedded_vae_is_loaded_by_the_stages_loader(checkpoint, tmp_path, monkeypatch):
+    from jobs import decode_command
+
+    model, _ = checkpoint
+    directory = infgen.save(model, tmp_path / "trained", {"latents": {"vae": None}})  # null: the substitute
+    assert decode_command.recorded_vae(str(directory)) == (True, None)
+    assert decode_command.recorded_vae(str(checkpoint[1])) == (False, None)
+    loaded = []
+    monkeypatch.setattr("pipelines.common.vae_source.load_frozen_vae",
+                        lambda source, device: loaded.append(source) or ("vae", "label"))  # fmt: skip
+    options = decode_command.DecodeOptions(checkpoint=str(directory), latents="z.npy", size="128x128",
+                                           out="x.png")  # fmt: skip
+    assert (
+        decode_command.extrapolation_vae(options, model, torch.zeros(1, 4, 4, 4), (128, 128), [], None)
+        == "vae"
+    )
+    assert loaded == [None]

@@ -40,17 +40,28 @@ def flatten(values: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, prompts), where our runs
+# are one click away; "custom_model_development" ("Machine learning" in the UI) opens it on its runs. The
+# tag name and value are MLflow's own (mlflow/server/js: ExperimentKind; the onboarding skill documents it).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def experiment_id(client, name: str, tracking_uri: str) -> str:
-    """The experiment called `name`, created (artifacts beside a SQLite store) if it does not exist yet."""
+    """The experiment called `name`, created (artifacts beside a SQLite store, kind: model development) if it
+    does not exist yet; one of ours made before the kind tag existed gets it too."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=local_artifact_location(tracking_uri))
-    except MlflowException:  # another stage created it in the meantime
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=local_artifact_location(tracking_uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})  # fmt: skip
+        except MlflowException:  # another stage created it in the meantime
+            experiment = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # never overrides a kind someone chose in the UI
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def find_run(client, experiment: str, tags: dict[str, str]):
