@@ -3,11 +3,13 @@ diffusion models, at several sizes: FID/KID/sFID, FIDp/sFIDp, precision/recall, 
 
     infgen evaluate --decoder RUNS/stage2/final_decoder --images OUT/images --latents LATENTS --output EVAL \\
         [--latent-file dit=DIT_SAMPLES.npz ...] [--diffusers-pipeline dit=DIT_DIR ...] \\
-        [--preset paper|embedded]
+        [--images-dir PHOTOS] [--preset paper|embedded]
 
 With --latents, the held-out images are those the latent stage kept out, encoded with its VAE at its input
 side. Without it every image of --images is evaluated (an ingest kept apart), encoded as --vae and
---input-side say. Rerunning the same command after a crash scores only the missing chunks.
+--input-side say. --images-dir adds a folder of image files (real photographs: `infgen photos`), cropped and
+encoded the same way and scored against their own ground truth. Rerunning the same command after a crash
+scores only the missing chunks.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ class EvaluateOptions:
     images: str = option(help="the ingest stage's images/ folder (ground truth)")
     latents: str | None = option(
         None, help="the latent stage's output: its held-out images are evaluated (default: all images)"
+    )
+    images_dir: str | None = option(
+        None,
+        help="a folder of image files (png/jpg/webp...), e.g. `infgen photos`: scored as the source "
+        "'photos' against their own ground truth (PSNR/SSIM/LPIPS)",
     )
     preset: str = option(
         "paper", choices=names_in("pipelines.evaluation.config", "PRESETS"), help="sizes and patch protocol"
@@ -78,6 +85,7 @@ def build_config(options: EvaluateOptions):
     changes = {"seed": options.seed, "inception": options.inception, "lpips_trunk": options.lpips_trunk}
     if options.sizes:
         changes["sizes"] = tuple(parse_size(s if "x" in s else f"{s}x{s}") for s in options.sizes)
+        changes["scales"] = ()  # given sizes replace a preset's multiples of the input side
     names = ("max_images", "patches_per_image", "patch_mode", "workers")
     changes.update(overrides(options, {name: name for name in names}))
     return dataclasses.replace(PRESETS[options.preset], **changes)
@@ -95,7 +103,7 @@ def run_evaluate_command(options: EvaluateOptions, context: RunContext) -> dict:
     manifest = run_evaluation(
         options.decoder, options.images, options.output, config, latents=options.latents,
         latent_files=latent_files, pipelines=pipelines, tracking=context.tracking(), vae=options.vae,
-        input_side=options.input_side,
+        input_side=options.input_side, images_dir=options.images_dir,
     )  # fmt: skip
     if "://" not in options.output and context.parent_run_id is None:  # a workflow prints it at its end
         print(open(f"{options.output.rstrip('/')}/plugin_gains.md").read())

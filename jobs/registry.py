@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jobs import decode_command, evaluate_command, ingest_command, latents_command, train_command
+from jobs import (
+    decode_command,
+    evaluate_command,
+    ingest_command,
+    latents_command,
+    photos_command,
+    train_command,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,8 @@ COMMANDS: dict[str, Command] = {
                 latents_command.RESOURCE_FIELDS),
         Command("train", "one decoder training stage (Ray Train + DeepSpeed)", train_command.TrainOptions,
                 train_command.run_train_command, train_command.RESOURCE_FIELDS),
+        Command("photos", "held-out real photographs (scikit-image) → PNG folder for evaluate --images-dir",
+                photos_command.PhotosOptions, photos_command.run_photos_command),
         Command("evaluate", "InfGen vs stock VAE decoder: FID/FIDp/PSNR... (Ray)",
                 evaluate_command.EvaluateOptions, evaluate_command.run_evaluate_command,
                 evaluate_command.RESOURCE_FIELDS),

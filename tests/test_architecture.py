@@ -12,7 +12,13 @@ import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PACKAGES = ("infgen", "pipelines", "jobs")
-STAGES = ("pipelines.ingest", "pipelines.latents", "pipelines.training", "pipelines.evaluation")
+STAGES = (
+    "pipelines.ingest",
+    "pipelines.latents",
+    "pipelines.training",
+    "pipelines.photos",
+    "pipelines.evaluation",
+)
 
 
 def module_name(path: Path) -> str:

@@ -16,7 +16,7 @@ from jobs.workflow import Workflow, run_workflow
 from jobs.workflow.spec import load_workflow, stage_arguments
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "latents", "stage1", "stage2", "evaluate"]
+STAGES = ["ingest", "latents", "stage1", "stage2", "photos", "evaluate"]
 
 
 def write_workflow(path: Path, data: dict) -> Path:
@@ -61,8 +61,8 @@ BAD_FILES = {
     "bad choice": (set_option(1, preset="huge"), r"stage latents: .*invalid choice: 'huge'"),
     "unknown stage": (set_option(3, latents="{stage9}"), r"\(stage2\): \{stage9\} is not an earlier"),
     "reserved": (set_option(0, output="/elsewhere"), r"\(ingest\): option 'output' is set by"),
-    "command": (lambda d: d["stages"][4].update(command="deploy"), r"\(evaluate\): command 'deploy' is not"),
-    "repeated": (lambda d: d["stages"].append(dict(d["stages"][0])), r"stage 6: name 'ingest' must be a new"),
+    "command": (lambda d: d["stages"][5].update(command="deploy"), r"\(evaluate\): command 'deploy' is not"),
+    "repeated": (lambda d: d["stages"].append(dict(d["stages"][0])), r"stage 7: name 'ingest' must be a new"),
     "missing key": (lambda d: d.pop("run_dir"), r"'run_dir' is missing"),
     "unknown key": (lambda d: d.update(stagse=[]), r"unknown keys \['stagse'\]"),
 }
@@ -142,11 +142,11 @@ def demo_run(ray_address, tmp_path_factory):
 
 def test_a_failed_stage_is_recorded_and_the_rerun_runs_only_it(demo_run):
     records = demo_run["records_after_failure"]
-    assert [records[name]["status"] for name in STAGES] == ["complete"] * 4 + ["failed"]
+    assert [records[name]["status"] for name in STAGES] == ["complete"] * 5 + ["failed"]
     assert "dit.npy" in records["evaluate"]["error"] and "3 channels" in records["evaluate"]["error"]
     assert demo_run["parent_status_after_failure"] == "FAILED"
     assert not demo_run["evaluate_output_after_failure"]  # refused before anything was written
-    assert demo_run["resumed"]["stages"] == {**{name: "skipped" for name in STAGES[:4]}, "evaluate": "ran"}
+    assert demo_run["resumed"]["stages"] == {**{name: "skipped" for name in STAGES[:5]}, "evaluate": "ran"}
 
 
 def test_every_stage_leaves_a_record_of_its_config_inputs_and_output(demo_run):
@@ -160,8 +160,10 @@ def test_every_stage_leaves_a_record_of_its_config_inputs_and_output(demo_run):
                                            "ingest": records["ingest"]["output_hash"]}  # fmt: skip
     assert "--steps" in records["stage2"]["arguments"]
     manifest = json.loads((run_dir / "evaluate" / "manifest.json").read_text())
-    assert {row["source"] for row in manifest["rows"]} == {"reconstruction", "dit"}
-    assert (run_dir / "evaluate" / "plugin_gains.md").read_text().count("| infgen |") == 2
+    assert {row["source"] for row in manifest["rows"]} == {"held-out", "photos", "dit"}
+    assert records["evaluate"]["inputs"]["photos"] == records["photos"]["output_hash"]
+    assert manifest["inputs"]["images_dir"]["path"] == str(run_dir / "photos")
+    assert (run_dir / "evaluate" / "plugin_gains.md").read_text().count("| InfGen |") == 3
 
 
 def test_mlflow_holds_one_parent_run_with_a_nested_run_per_stage(demo_run):
@@ -184,23 +186,25 @@ def test_mlflow_holds_one_parent_run_with_a_nested_run_per_stage(demo_run):
     assert {"seconds.ingest", "seconds.evaluate"} <= set(parent.data.metrics)
 
 
-def test_a_finished_workflow_reruns_as_all_skipped_and_a_changed_option_reruns_that_stage(demo_run):
+def test_a_finished_workflow_reruns_as_all_skipped_and_a_changed_option_reruns_that_stage(demo_run, capsys):
+    capsys.readouterr()
     rerun = run_workflow(str(demo_run["path"]))
     assert rerun["stages"] == {name: "skipped" for name in STAGES}
+    assert capsys.readouterr().out.count("| source | size | decoder |") == 1  # the table, once, at the end
     run_dir = demo_run["run_dir"]
     first_table = json.loads((run_dir / "evaluate" / "manifest.json").read_text())
 
     data = yaml.safe_load(demo_run["path"].read_text())
     data["stages"][1]["options"].update({"encoders": 1, "encoder-memory-gib": 0.5})  # how a stage runs,
-    data["stages"][4]["options"]["workers"] = 2  # not what it makes: nothing reruns, nothing superseded
+    data["stages"][5]["options"]["workers"] = 2  # not what it makes: nothing reruns, nothing superseded
     resources = write_workflow(demo_run["root"] / "resources.yaml", data)
     assert run_workflow(str(resources))["stages"] == {name: "skipped" for name in STAGES}
     assert not (run_dir / "superseded").exists()
 
-    data["stages"][4]["options"]["patches-per-image"] = 2  # the evaluation's config changes
+    data["stages"][5]["options"]["patches-per-image"] = 2  # the evaluation's config changes
     changed = write_workflow(demo_run["root"] / "changed.yaml", data)
     rerun = run_workflow(str(changed))
-    assert rerun["stages"] == {**{name: "skipped" for name in STAGES[:4]}, "evaluate": "ran"}
+    assert rerun["stages"] == {**{name: "skipped" for name in STAGES[:5]}, "evaluate": "ran"}
     new_table = json.loads((run_dir / "evaluate" / "manifest.json").read_text())
     assert new_table["config"]["patches_per_image"] == 2
     (moved,) = (run_dir / "superseded").iterdir()  # the old evaluation, kept whole
@@ -220,4 +224,4 @@ def test_a_finished_workflow_reruns_as_all_skipped_and_a_changed_option_reruns_t
     record_path = run_dir / "workflow" / "latents.json"
     record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "config_hash": "older"}))
     up_to_date = [workflow.up_to_date(stage, workflow.wanted(stage)) for stage in spec.stages]
-    assert up_to_date == [True, True, False, False, True]
+    assert up_to_date == [True, True, False, False, True, True]

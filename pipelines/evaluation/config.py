@@ -15,6 +15,9 @@ from typing import ClassVar
 @dataclass(frozen=True)
 class EvalConfig:
     sizes: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024), (2048, 2048), (3072, 3072))
+    # Square sizes as multiples of the encoder's input side (the latent record's), used when `sizes` is
+    # empty: a preset that follows whatever crops the latent stage made (1×, 2×, 4×).
+    scales: tuple[int, ...] = ()
     max_images: int = 10_000  # per latent source (the paper protocol: 10K samples per resolution)
     patch_size: int = 256  # FIDp / sFIDp: patches at native resolution, never resized before Inception
     patches_per_image: int = 10
@@ -37,8 +40,10 @@ class EvalConfig:
     RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("workers",)
 
     def __post_init__(self):
-        if not self.sizes:
-            raise ValueError("evaluation needs at least one size")
+        if not self.sizes and not self.scales:
+            raise ValueError("evaluation needs at least one size (sizes, or scales of the input side)")
+        if any(scale < 1 for scale in self.scales):
+            raise ValueError(f"scales must be ≥ 1, got {self.scales}")
         for height, width in self.sizes:
             if height < self.patch_size or width < self.patch_size:
                 raise ValueError(f"size {height}x{width} is smaller than the {self.patch_size}² FIDp patch")
@@ -58,6 +63,13 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
 
+    def at_input_side(self, input_side: int) -> EvalConfig:
+        """The config with concrete sizes: `scales` × the encoder's input side when no sizes are given."""
+        if self.sizes:
+            return dataclasses.replace(self, scales=())
+        sizes = tuple((scale * input_side, scale * input_side) for scale in self.scales)
+        return dataclasses.replace(self, sizes=sizes, scales=())
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -65,14 +77,17 @@ class EvalConfig:
     def from_dict(cls, data: dict) -> EvalConfig:
         data = dict(data)
         data["sizes"] = tuple(tuple(size) for size in data.get("sizes", cls.sizes))
+        data["scales"] = tuple(data.get("scales", ()))
         return cls(**data)
 
 
 PAPER = EvalConfig()
-# CPU scale, the embedded workflow's task: 64² crops → 8×8 latents, decoded at 1×, 2× and 4× (the last is
-# beyond stage 1's range); Inception sees 32² patches upsampled, so FIDp here only ranks decoders.
+# CPU scale, the embedded workflow's task: the held-out crops decoded at 1×, 2× and 4× the encoder's input
+# side (the last beyond stage 1's range), whatever side the latent stage used; Inception sees 32² patches
+# upsampled, so FIDp here only ranks decoders. One actor with every core (ChunkScorer's threads) rather than
+# two actors loading four models each.
 EMBEDDED = EvalConfig(
-    sizes=((64, 64), (128, 128), (256, 256)), max_images=64, patch_size=32,
+    sizes=(), scales=(1, 2, 4), max_images=64, patch_size=32,
     patches_per_image=4,
     kid_subset_size=50, chunk_images=8, decode_batch=8, workers=1, grid_images=3,
 )  # fmt: skip

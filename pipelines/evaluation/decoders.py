@@ -16,6 +16,7 @@ from infgen.images import to_uint8
 
 BASELINE, INFGEN = "vae+resize", "infgen"
 DECODERS = (BASELINE, INFGEN)
+LABELS = {BASELINE: "stock + resize", INFGEN: "InfGen"}  # what grids and the table call them
 RESAMPLE = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC}
 
 

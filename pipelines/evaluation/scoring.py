@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 
 import fsspec
 import numpy as np
@@ -18,10 +19,12 @@ import torch
 from infgen.images import from_uint8
 from infgen.metrics import psnr, ssim
 from infgen.metrics.distribution import extract_patches, patch_boxes
+from pipelines.common.grids import comparison_grid
 from pipelines.common.reconstruction import encode_crops, read_images
-from pipelines.evaluation.chunks import Chunk
+from pipelines.evaluation.chunks import IMAGE_FOLDER, Chunk
 from pipelines.evaluation.config import EvalConfig
-from pipelines.evaluation.decoders import DECODERS, decode_all
+from pipelines.evaluation.decoders import DECODERS, LABELS, decode_all
+from pipelines.evaluation.image_folder import read_folder_images
 from pipelines.evaluation.sources import load_latent_file
 
 REFERENCE = "reference"
@@ -61,12 +64,13 @@ def score_chunk(chunk: Chunk, latents: np.ndarray, truths: list | None, models: 
     boxes = [patch_boxes(size[0], size[1], config.patch_size, config.patches_per_image, config.patch_mode,
                          patch_seed(config.seed, chunk.source, size, chunk.start + offset))
              for offset in range(len(latents))]  # fmt: skip
-    groups = {}
+    groups: dict[str, dict] = {name: {} for name in DECODERS}
     for name in DECODERS:
-        groups[name] = image_features(models["inception"], decoded[name], boxes, config)
+        if not chunk.full_reference_only:
+            groups[name].update(image_features(models["inception"], decoded[name], boxes, config))
         if truths is not None:
             groups[name].update(full_reference(decoded[name], truths, models["lpips"]))
-    if truths is not None:
+    if truths is not None and not chunk.full_reference_only:
         groups[REFERENCE] = image_features(models["inception"], truths, boxes, config)
     return groups, decoded
 
@@ -109,7 +113,7 @@ class ChunkScorer:
         from infgen.metrics.perceptual import load_lpips
         from pipelines.common.vae_source import load_frozen_vae
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.config, self.device, self.input_side, self.chunks = config, device, input_side, chunks
         stock, _ = load_frozen_vae(vae, device)
@@ -123,8 +127,9 @@ class ChunkScorer:
                      "device": device}  # fmt: skip
 
     def latents_for(self, chunk: Chunk) -> tuple[np.ndarray, list | None]:
-        if chunk.refs is not None:  # the reconstruction source: held-out images, encoded here
-            images = read_images(list(chunk.refs))
+        if chunk.refs is not None:  # an image source (held out, or a folder): crop pairs, encoded here
+            refs = list(chunk.refs)
+            images = read_folder_images(refs) if chunk.source == IMAGE_FOLDER else read_images(refs)
             return encode_crops(self.models["vae"], images, chunk.size, self.input_side)
         if chunk.file not in self.latent_files:
             channels = self.models["vae"].latent_channels
@@ -151,15 +156,18 @@ class ChunkScorer:
 
 
 def save_grid(path: str, decoded: dict, truths: list | None, rows: int) -> None:
-    """Rows of [truth |] baseline | InfGen, side by side at full resolution, as one PNG."""
+    """Rows of [truth |] stock + resize | InfGen at full resolution under their labels, each row followed by
+    its centres zoomed 4× (pipelines/common/grids.py), as one PNG."""
     from PIL import Image
 
+    labels = (["truth"] if truths is not None else []) + [LABELS[name] for name in DECODERS]
     lines = []
     for index in range(min(rows, len(decoded[DECODERS[0]]))):
-        row = ([truths[index]] if truths is not None else []) + [decoded[name][index] for name in DECODERS]
-        lines.append(np.concatenate(row, axis=1))
+        lines.append(
+            ([truths[index]] if truths is not None else []) + [decoded[name][index] for name in DECODERS]
+        )
     buffer = io.BytesIO()
-    Image.fromarray(np.concatenate(lines, axis=0)).save(buffer, format="PNG")
+    Image.fromarray(comparison_grid(lines, labels)).save(buffer, format="PNG")
     filesystem, local = fsspec.core.url_to_fs(path)
     filesystem.makedirs(local.rsplit("/", 1)[0], exist_ok=True)
     filesystem.pipe_file(local, buffer.getvalue())

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from infgen.images import to_uint8
+from pipelines.common.grids import comparison_grid
+from pipelines.training.validation import truth_name
 
 
 class RankZeroLogger:
@@ -58,9 +63,11 @@ class RankZeroLogger:
         if not self.client:
             return
         self.client.log_artifacts(self.run_id, str(decoder_dir), "decoder")
+        truths: dict[str, np.ndarray] = {}
         if self.validation:  # images the latent stage held out: never trained on
             with np.load(self.validation) as saved:
                 latents = torch.from_numpy(saved["latents"])
+                truths = {name: saved[name] for name in saved.files if name.startswith("truth_")}
                 self.client.set_tag(self.run_id, "infgen.validation_keys", ",".join(saved["keys"].tolist()))
         else:  # nothing held out: the first training batch, and the run says so
             latents, _ = data.batch(0, 0, 1)
@@ -70,10 +77,16 @@ class RankZeroLogger:
         with torch.no_grad(), tempfile.TemporaryDirectory() as scratch:
             for height, width in self.validation_sizes:
                 images = infgen.decode(ema, latents, (height, width)).cpu()  # (B, 3, H, W) in [-1, 1]
-                grid = torch.cat(list(images), dim=2)  # side by side
-                array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+                decoded = [to_uint8(image) for image in images]
                 path = Path(scratch) / f"validation_{height}x{width}.png"
-                from PIL import Image
-
-                Image.fromarray(np.ascontiguousarray(array)).save(path)
+                Image.fromarray(validation_grid(decoded, truths.get(truth_name((height, width))))).save(path)
                 self.client.log_artifact(self.run_id, str(path), "validation")
+
+
+def validation_grid(decoded: list[np.ndarray], truths: np.ndarray | None) -> np.ndarray:
+    """One row per validation image: truth | InfGen when the truth at this size was kept (validation.py),
+    else the decode alone, labelled so; each row with its zoomed centre beneath."""
+    if truths is None:  # training latents, or validation latents written before truths were kept
+        return comparison_grid([[image] for image in decoded], ["InfGen (no truth kept)"])
+    return comparison_grid([[truth, image] for truth, image in zip(truths, decoded, strict=True)],
+                           ["truth", "InfGen"])  # fmt: skip
