@@ -257,9 +257,10 @@ def test_a_bad_image_folder_is_refused_naming_it(tmp_path, contents, message):
 
 
 def test_relative_changes_leave_out_kid_and_near_zero_baselines():
-    base = {"fid": 10.0, "kid": 0.002, "psnr": 20.0, "lpips": 0.0}
-    ours = {"fid": 12.0, "kid": 0.004, "psnr": 22.0, "lpips": 0.1}
-    assert relative_changes(ours, base) == {"fid_change_pct": 20.0, "psnr_change_pct": 10.0}
+    base = {"fid": 10.0, "kid": 0.002, "psnr": 20.0, "lpips": 0.0, "ssim": 0.01, "recall": 0.5}
+    ours = {"fid": 12.0, "kid": 0.004, "psnr": 22.0, "lpips": 0.1, "ssim": 0.02, "recall": 0.25}
+    assert relative_changes(ours, base) == {"fid_change_pct": 20.0, "psnr_change_pct": 10.0,
+                                            "recall_change_pct": -50.0}  # fmt: skip
 
 
 def test_the_table_footer_carries_the_notes():

@@ -201,12 +201,12 @@ def test_a_finished_workflow_reruns_as_all_skipped_and_a_changed_option_reruns_t
     assert run_workflow(str(resources))["stages"] == {name: "skipped" for name in STAGES}
     assert not (run_dir / "superseded").exists()
 
-    data["stages"][5]["options"]["patches-per-image"] = 2  # the evaluation's config changes
+    data["stages"][5]["options"]["patches-per-image"] = 3  # the evaluation's config changes
     changed = write_workflow(demo_run["root"] / "changed.yaml", data)
     rerun = run_workflow(str(changed))
     assert rerun["stages"] == {**{name: "skipped" for name in STAGES[:5]}, "evaluate": "ran"}
     new_table = json.loads((run_dir / "evaluate" / "manifest.json").read_text())
-    assert new_table["config"]["patches_per_image"] == 2
+    assert new_table["config"]["patches_per_image"] == 3
     (moved,) = (run_dir / "superseded").iterdir()  # the old evaluation, kept whole
     assert moved.name.startswith("evaluate-")
     assert json.loads((moved / "manifest.json").read_text()) == first_table

@@ -242,10 +242,13 @@ def _score(todo: list[Chunk], decoder: str, geometry: LatentGeometry, config: Ev
                                {"config": config, "decoder": decoder, "vae": geometry.vae,
                                 "input_side": geometry.input_side, "chunks": todo,
                                 "threads": threads_per_actor(config.workers)})  # fmt: skip
+    cpu_seconds = 0.0
     for done, row in enumerate(rows, start=1):
         part = str(row["part"]).rsplit("/parts/", 1)[-1]
+        cpu_seconds += float(row["cpu_seconds"])
         progress(f"evaluate: {done}/{len(todo)} chunks ({part}, {int(row['images'])} images, "
-                 f"{time.perf_counter() - started:.0f}s)")  # fmt: skip
+                 f"{float(row['cpu_seconds']):.0f} CPU s; {time.perf_counter() - started:.0f}s, "
+                 f"{cpu_seconds:.0f} CPU s so far)")  # fmt: skip
 
 
 def _aggregate(out: str, chunks: list[Chunk], config: EvalConfig, inputs: dict, seconds: float,
