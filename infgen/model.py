@@ -9,7 +9,8 @@ Layout (docs/paper.md, "Architecture"; the paper gives no sizes, the presets' ar
     mask tokens: one learned vector + INPE(⌈h/8⌉×⌈w/8⌉ grid) + type embedding   (queries)
       + Linear(z bilinearly sampled at the token's own coordinate)   (query_init="latent_sample", see below)
       → query_blocks × [cross-attention to memory, MLP]   (queries never attend to each other)
-      → Linear → (B, token_channels, ⌈h/8⌉, ⌈w/8⌉) → PixelDecoder ×8 → crop to (h, w)
+      → Linear (+ z sampled at the token's coordinate, token_skip) → (B, token_channels, ⌈h/8⌉, ⌈w/8⌉)
+      → PixelDecoder ×8 → crop to (h, w)
 
 Because queries never interact, they can be decoded in chunks of any size with identical results; the pixel
 decoder is local, so it can be tiled exactly (see pixel_decoder.py). Together that bounds the memory of a 4K
@@ -21,6 +22,13 @@ INPE and must find the latent cells under it through cross-attention alone, whic
 slowly; here each query also gets Linear(latent sampled bilinearly at its own coordinate), a bilinear
 upsampling of z that the blocks refine. A query still depends only on its own coordinate and the latent, so
 chunked decoding stays exact. Measurements: bench/README.md, "bench/locality.py".
+
+A second deviation, also on by default (token_skip): the first latent_channels channels of each token are the
+latent sampled at its coordinate plus what the transformer adds (its output layer starts at zero), and no
+LayerNorm sits between the query stream and the tokens (query_norm=False). With the pixel decoder warm-started
+from the VAE's decoder (infgen.warm_start), the untrained model at 1× is the stock decoder, and training
+learns what to add, instead of first re-learning colour through normalisations that remove it (the first
+demo's colour casts: docs/paper.md, "Deviations").
 """
 
 from __future__ import annotations
@@ -61,6 +69,10 @@ class InfGenConfig:
     # that chose it are in bench/README.md ("bench/locality.py").
     # Old checkpoints without this key load as "learned" (from_dict), so their weights still fit.
     query_init: str = "latent_sample"
+    # DEVIATIONS (module docstring): tokens = Linear(query) + latent sample; no LayerNorm before that Linear.
+    # Old checkpoints without these keys load with the first design (from_dict).
+    token_skip: bool = True
+    query_norm: bool = False
 
     def __post_init__(self):
         if self.width % self.num_heads:
@@ -70,6 +82,12 @@ class InfGenConfig:
         if self.query_init not in QUERY_INITS:
             raise ValueError(
                 f"InfGenConfig.query_init={self.query_init!r}; choose one of {sorted(QUERY_INITS)}"
+            )
+        sampled_channels = self.latent_channels * self.latent_patch_size**2
+        if self.token_skip and self.decoder.in_channels < sampled_channels:
+            raise ValueError(
+                f"InfGenConfig.token_skip adds the {sampled_channels}-channel latent sample to the tokens, "
+                f"but decoder.in_channels is {self.decoder.in_channels}"
             )
 
     def to_dict(self) -> dict:
@@ -83,13 +101,17 @@ class InfGenConfig:
         if unknown:
             raise ValueError(f"unknown InfGenConfig keys: {sorted(unknown)}")
         values = dict(values)
-        # Configs written before query_init existed describe models trained without it.
+        # Configs written before these fields existed describe models trained without them.
         values.setdefault("query_init", "learned")
+        values.setdefault("token_skip", False)
+        values.setdefault("query_norm", True)
         if "inpe" in values:
             values["inpe"] = INPEConfig(**values["inpe"])
         if "decoder" in values:
             decoder = dict(values["decoder"])
             decoder["channels"] = tuple(decoder.get("channels", PixelDecoderConfig.channels))
+            decoder.setdefault("norm", "layer")
+            decoder.setdefault("padding", "zeros")
             values["decoder"] = PixelDecoderConfig(**decoder)
         return cls(**values)
 
@@ -97,7 +119,8 @@ class InfGenConfig:
 # Parameter counts (pixel decoder included) are asserted in tests/test_model.py::test_preset_sizes.
 PRESETS: dict[str, InfGenConfig] = {
     # 1.1M parameters: CPU unit tests and the embedded demo. σ=4: its grids stay under ~256 tokens a side,
-    # and with σ=16 it fits one photograph about 2× slower (measured, 200 steps at 128²).
+    # and with σ=16 it fits one photograph about 2× slower (measured, 200 steps at 128²). Its pixel decoder
+    # is the shipped substitute VAE's decoder (infgen/substitutes/train_vae.py), so it warm-starts from it.
     "tiny": InfGenConfig(
         width=96,
         num_heads=4,
@@ -105,7 +128,7 @@ PRESETS: dict[str, InfGenConfig] = {
         query_blocks=2,
         inpe=INPEConfig(num_frequencies=64, frequency_scale=4.0),
         decoder=PixelDecoderConfig(
-            in_channels=8, channels=(24, 48, 96, 96), blocks_per_level=1, mid_blocks=1
+            in_channels=8, channels=(16, 32, 64, 64), blocks_per_level=2, mid_blocks=2
         ),
     ),
     # 35M parameters: a model that trains on a single GPU.
@@ -235,7 +258,7 @@ class InfGen(nn.Module):
         self.query_blocks = nn.ModuleList(
             QueryBlock(width, config.num_heads, config.mlp_ratio) for _ in range(config.query_blocks)
         )
-        self.query_norm = nn.LayerNorm(width)
+        self.query_norm = nn.LayerNorm(width) if config.query_norm else nn.Identity()
         self.to_tokens = nn.Linear(width, config.decoder.in_channels)
         self.pixel_decoder = PixelDecoder(config.decoder)
         self.query_in = None
@@ -264,6 +287,10 @@ class InfGen(nn.Module):
             # "learned" for hundreds of steps (bench/README.md, "bench/locality.py").
             nn.init.xavier_uniform_(self.query_in.weight)
             nn.init.zeros_(self.query_in.bias)
+        if self.config.token_skip:
+            # The tokens start as the latent sample alone: with a warm-started pixel decoder, step 0 decodes
+            # as the VAE does, and the transformer's contribution grows from zero.
+            nn.init.zeros_(self.to_tokens.weight)
 
     def encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h_l, w_l) latents → (B, T, D) memory that every mask token reads from."""
@@ -280,7 +307,7 @@ class InfGen(nn.Module):
 
         # The map a "latent_sample" query reads: the latent itself, one (patch of a) cell per token position.
         features = None
-        if self.config.query_init == "latent_sample":
+        if self.config.query_init == "latent_sample" or self.config.token_skip:
             features = patches.reshape(batch, -1, grid_rows, grid_cols)
         coords = normalized_grid(grid_rows, grid_cols, self.config.inpe.cell_centres)
         x = x + self.inpe(coords.to(latents.device)).to(x.dtype) + self.token_type[self.LATENT]
@@ -315,23 +342,30 @@ class InfGen(nn.Module):
     ) -> torch.Tensor:
         """Run a set of mask tokens at normalised `coords` (N, 2) through the query blocks → (B, N, C_tok).
 
-        features: the map from encode_latents_and_features; required unless config.query_init is "learned".
+        features: the map from encode_latents_and_features; required unless config.query_init is "learned"
+        and config.token_skip is off.
         """
         batch = keys_values[0][0].shape[0]
         position = self.inpe(coords)  # (N, D)
         x = (self.mask_token + self.token_type[self.MASK] + position.to(self.mask_token.dtype)).expand(
             batch, -1, -1
         )  # (B, N, D)
-        if self.config.query_init != "learned":
+        sampled = None
+        if self.config.query_init != "learned" or self.config.token_skip:
             if features is None:
-                raise ValueError(f"query_init={self.config.query_init!r} needs the sampled feature map")
-            x = x + self.query_in(self.sample_features(features, coords))
+                raise ValueError("query_init='latent_sample' and token_skip need the sampled feature map")
+            sampled = self.sample_features(features, coords)  # (B, N, C·p²)
+        if self.config.query_init != "learned":
+            x = x + self.query_in(sampled)
         for block, block_keys_values in zip(self.query_blocks, keys_values):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, block_keys_values, use_reentrant=False)
             else:
                 x = block(x, block_keys_values)
-        return self.to_tokens(self.query_norm(x))  # (B, N, C_tok)
+        tokens = self.to_tokens(self.query_norm(x))  # (B, N, C_tok)
+        if self.config.token_skip:
+            tokens = tokens + F.pad(sampled.to(tokens.dtype), (0, tokens.shape[-1] - sampled.shape[-1]))
+        return tokens
 
     activation_checkpointing = False
 
@@ -343,20 +377,27 @@ class InfGen(nn.Module):
         return self
 
     def token_grid(
-        self, latents: torch.Tensor, size: tuple[int, int], query_chunk: int | None = None
+        self,
+        latents: torch.Tensor,
+        size: tuple[int, int],
+        query_chunk: int | None = None,
+        cells: tuple[int, int, int, int] | None = None,
     ) -> torch.Tensor:
-        """Everything before the pixel decoder: (B, C_tok, ⌈h/8⌉, ⌈w/8⌉)."""
+        """Everything before the pixel decoder: (B, C_tok, ⌈h/8⌉, ⌈w/8⌉), or only the token cells
+        `cells` = (row0, row1, col0, col1) of that grid (queries are independent: the same values)."""
         memory, features = self.encode_latents_and_features(latents)
         keys_values = [block.attention.keys_values(memory) for block in self.query_blocks]
         rows, cols = query_grid_size(size)
+        row0, row1, col0, col1 = cells or (0, rows, 0, cols)
         coords = normalized_grid(
             rows,
             cols,
             self.config.inpe.cell_centres,
             row_extent=size[0] / UPSAMPLE_FACTOR,
             col_extent=size[1] / UPSAMPLE_FACTOR,
-        ).to(latents.device)
-        total = rows * cols
+        ).view(rows, cols, 2)[row0:row1, col0:col1]
+        coords = coords.reshape(-1, 2).to(latents.device)
+        total = len(coords)
         chunk = total if not query_chunk else query_chunk
         tokens = torch.cat(
             [
@@ -364,8 +405,8 @@ class InfGen(nn.Module):
                 for start in range(0, total, chunk)
             ],
             dim=1,
-        )  # (B, rows·cols, C_tok)
-        return tokens.transpose(1, 2).reshape(latents.shape[0], -1, rows, cols)
+        )  # (B, cells, C_tok)
+        return tokens.transpose(1, 2).reshape(latents.shape[0], -1, row1 - row0, col1 - col0)
 
     def forward(
         self,
@@ -373,16 +414,43 @@ class InfGen(nn.Module):
         size: tuple[int, int],
         query_chunk: int | None = None,
         tile_cells: int | None = None,
+        window: tuple[int, int, int, int] | None = None,
     ) -> torch.Tensor:
         """(B, C, h_l, w_l) scaled latents → (B, 3, h, w) image in about [-1, 1] (unclamped, for training).
 
         query_chunk: mask tokens per chunk (None: all at once). tile_cells: side of a pixel-decoder tile in
         token cells (None: one pass). Neither changes the result beyond float rounding.
+        window: (top, left, height, width) in pixels: only that part of the size-h×w image, (B, 3, height,
+        width), the same pixels as the whole decode's (training on windows of large targets).
         """
+        if window is not None:
+            return self.decode_window(latents, size, window, query_chunk)
         grid = self.token_grid(latents, size, query_chunk)  # (B, C_tok, ⌈h/8⌉, ⌈w/8⌉)
         if tile_cells:
             return self.pixel_decoder.decode_tiled(grid, size, tile_cells)
         return self.pixel_decoder(grid)[:, :, : size[0], : size[1]]
+
+    def decode_window(
+        self,
+        latents: torch.Tensor,
+        size: tuple[int, int],
+        window: tuple[int, int, int, int],
+        query_chunk: int | None = None,
+    ) -> torch.Tensor:
+        """One window of the size-h×w decode: the tokens under it plus the pixel decoder's halo, decoded and
+        cropped, as decode_tiled decodes one tile (so the pixels equal the whole decode's)."""
+        top, left, height, width = window
+        if top < 0 or left < 0 or height < 1 or width < 1 or top + height > size[0] or left + width > size[1]:
+            raise ValueError(f"window {window} (top, left, height, width) is not inside the {size} image")
+        rows, cols = query_grid_size(size)
+        halo, f = self.pixel_decoder.receptive_radius_cells(), UPSAMPLE_FACTOR
+        row0, col0 = max(top // f - halo, 0), max(left // f - halo, 0)
+        row1 = min(math.ceil((top + height) / f) + halo, rows)
+        col1 = min(math.ceil((left + width) / f) + halo, cols)
+        grid = self.token_grid(latents, size, query_chunk, (row0, row1, col0, col1))
+        image = self.pixel_decoder(grid)
+        top, left = top - row0 * f, left - col0 * f
+        return image[:, :, top : top + height, left : left + width]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

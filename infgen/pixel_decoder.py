@@ -1,12 +1,19 @@
 """The ×8 upsampling pixel decoder that turns the mask-token grid into pixels.
 
-Its shape follows the SD-VAE decoder (conv_in → mid ResBlocks → per level: ResBlocks, nearest ×2 + conv →
-norm → conv_out), with two deliberate changes, both so that a tile-by-tile decode equals a one-pass decode:
+Its shape is the SD-VAE decoder's (conv_in → mid ResBlocks → per level: ResBlocks, nearest ×2 + conv → norm →
+conv_out), so it can start as the frozen VAE's own decoder (infgen.warm_start), with three changes, all so
+that a tile-by-tile decode equals a one-pass decode and colour survives:
 
-- normalisation is per position (LayerNorm over channels), not GroupNorm: GroupNorm's statistics span the
-  whole feature map, which is why tiled SD-VAE decodes show tone shifts and seams between tiles;
+- normalisation is a per-channel affine map (norm="affine"): GroupNorm with its statistics frozen (at warm
+  start, the VAE decoder's statistics over calibration latents), not computed per image. GroupNorm's
+  per-image statistics span the whole feature map, which is why tiled SD-VAE decodes show tone shifts and
+  seams; a per-position LayerNorm (norm="layer", the first design, kept for old checkpoints) tiles exactly
+  but divides every position's features by their own norm, which is where the colour lived: it caused the
+  colour casts of the first demo (docs/paper.md, "Deviations");
 - the mid-block self-attention is dropped: the transformer in front already mixes global context, and an
-  attention over 512×512 positions at 4K is the one thing in the decoder that does not tile.
+  attention over 512×512 positions at 4K is the one thing in the decoder that does not tile;
+- convolutions pad by repeating the edge (padding="replicate"): zero padding drops taps at the image edge,
+  and since features do not average to zero, every output had a 1-pixel coloured border.
 
 What is left is a purely local operator with a finite receptive field, so tiles decoded with a halo at least
 that wide and then cropped reproduce the one-pass output exactly: no blending is needed, and no seams exist.
@@ -34,12 +41,33 @@ class PixelDecoderConfig:
     blocks_per_level: int = 3  # ResBlocks per level (SD-VAE's decoder uses layers_per_block + 1 = 3)
     mid_blocks: int = 2
     out_channels: int = 3
+    norm: str = "affine"  # "affine" (frozen-statistics GroupNorm) or "layer" (per-position LayerNorm, old)
+    padding: str = "replicate"  # conv padding: "replicate" or "zeros" (old checkpoints)
 
     def __post_init__(self):
         if 2 ** (len(self.channels) - 1) != UPSAMPLE_FACTOR:
             raise ValueError(
                 f"PixelDecoderConfig.channels needs 4 levels (x{UPSAMPLE_FACTOR}), got {self.channels}"
             )
+        if self.norm not in NORMS:
+            raise ValueError(f"PixelDecoderConfig.norm={self.norm!r}; choose one of {sorted(NORMS)}")
+        if self.padding not in ("replicate", "zeros"):
+            raise ValueError(f"PixelDecoderConfig.padding={self.padding!r}; choose 'replicate' or 'zeros'")
+
+
+class ChannelAffine(nn.Module):
+    """y = weight · x + bias per channel: a GroupNorm whose statistics are frozen into its affine parameters.
+
+    Pointwise, so it tiles exactly and keeps each position's magnitude. Identity until warm-started.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 class ChannelLayerNorm(nn.Module):
@@ -56,13 +84,21 @@ class ChannelLayerNorm(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+NORMS = {"affine": ChannelAffine, "layer": ChannelLayerNorm}
+
+
+def conv3x3(in_channels: int, out_channels: int, config: PixelDecoderConfig) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1, padding_mode=config.padding)
+
+
 class ResBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, config: PixelDecoderConfig):
         super().__init__()
-        self.norm1 = ChannelLayerNorm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = ChannelLayerNorm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        norm = NORMS[config.norm]
+        self.norm1 = norm(in_channels)
+        self.conv1 = conv3x3(in_channels, out_channels, config)
+        self.norm2 = norm(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels, config)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,9 +108,9 @@ class ResBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, config: PixelDecoderConfig):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = conv3x3(channels, channels, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -87,21 +123,28 @@ class PixelDecoder(nn.Module):
         super().__init__()
         self.config = config
         deepest = config.channels[-1]
-        self.conv_in = nn.Conv2d(config.in_channels, deepest, 3, padding=1)
-        self.mid = nn.Sequential(*[ResBlock(deepest, deepest) for _ in range(config.mid_blocks)])
+        self.conv_in = conv3x3(config.in_channels, deepest, config)
+        self.mid = nn.Sequential(*[ResBlock(deepest, deepest, config) for _ in range(config.mid_blocks)])
         levels = []
         current = deepest
         for index, channels in enumerate(reversed(config.channels)):
             blocks: list[nn.Module] = []
             for _ in range(config.blocks_per_level):
-                blocks.append(ResBlock(current, channels))
+                blocks.append(ResBlock(current, channels, config))
                 current = channels
             if index < len(config.channels) - 1:
-                blocks.append(Upsample(current))
+                blocks.append(Upsample(current, config))
             levels.append(nn.Sequential(*blocks))
         self.levels = nn.Sequential(*levels)
-        self.norm_out = ChannelLayerNorm(current)
-        self.conv_out = nn.Conv2d(current, config.out_channels, 3, padding=1)
+        self.norm_out = NORMS[config.norm](current)
+        self.conv_out = conv3x3(current, config.out_channels, config)
+        if config.norm == "affine":
+            # Without per-image normalisation the residual stream must not grow from the start: each
+            # ResBlock's branch starts at zero (a warm start from the VAE's decoder overwrites this).
+            for block in self.modules():
+                if isinstance(block, ResBlock):
+                    nn.init.zeros_(block.conv2.weight)
+                    nn.init.zeros_(block.conv2.bias)
 
     activation_checkpointing = False  # set by InfGen.set_activation_checkpointing (training only)
 
@@ -135,7 +178,7 @@ class PixelDecoder(nn.Module):
     def decode_tiled(self, grid: torch.Tensor, out_size: tuple[int, int], tile_cells: int) -> torch.Tensor:
         """Decode tile by tile and write straight into an (B, 3, h, w) canvas; equals forward() then crop.
 
-        Peak memory is that of one (tile_cells + 2·halo)² tile, whatever the output size. Conv zero padding
+        Peak memory is that of one (tile_cells + 2·halo)² tile, whatever the output size. The convs' padding
         at the true image border is reproduced because border tiles are clipped to the grid, not padded.
         """
         batch, _, grid_rows, grid_cols = grid.shape

@@ -66,11 +66,11 @@ def embedded_images(ray_address, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_latents(embedded_images, tmp_path_factory):
-    """The latent stage (embedded preset) over `embedded_images`."""
+    """The latent stage (smoke preset: 64² crops, the smallest geometry) over `embedded_images`."""
     from jobs.cli import run_arguments
 
     output = tmp_path_factory.mktemp("embedded_latents") / "latents"
     arguments = ["latents", "--images", str(embedded_images["images"]), "--output", str(output), "--preset",
-                 "embedded", "--tracking-uri", f"sqlite:///{output.parent / 'mlflow.db'}"]  # fmt: skip
+                 "smoke", "--tracking-uri", f"sqlite:///{output.parent / 'mlflow.db'}"]  # fmt: skip
     manifest = run_arguments(arguments)
     return {"latents": output, "images": embedded_images["images"], "manifest": manifest}

@@ -44,7 +44,7 @@ def test_small_images_get_only_the_targets_that_fit():
 def latents(embedded_images, output, *extra):
     tracking = f"sqlite:///{output.parent / 'mlflow.db'}"
     arguments = ["latents", "--images", str(embedded_images["images"]), "--output", str(output),
-                 "--preset", "embedded", "--tracking-uri", tracking, *extra]  # fmt: skip
+                 "--preset", "smoke", "--tracking-uri", tracking, *extra]  # fmt: skip
     return run_arguments(arguments)
 
 
@@ -119,13 +119,13 @@ def test_another_config_on_the_same_output_is_refused(embedded_images, latent_ru
 def test_a_bf16_encoder_writes_float32_latents_close_to_fp32(embedded_images, latent_run, tmp_path):
     """The GPU actors' dtype, on the CPU: inputs cast to the encoder's dtype, latents back to float32."""
     from pipelines.common.vae_source import load_frozen_vae
-    from pipelines.latents.config import EMBEDDED
+    from pipelines.latents.config import SMOKE
     from pipelines.latents.encode import encode_shard
 
     vae, source = load_frozen_vae(None)
     vae.autoencoder.to(torch.bfloat16)
     shard = str(embedded_images["images"] / "00000.parquet")
-    stats = encode_shard(shard, str(tmp_path), vae, source, EMBEDDED)
+    stats = encode_shard(shard, str(tmp_path), vae, source, SMOKE)
     table = pq.read_table(tmp_path / "00000.parquet")
     assert table.schema.field("latent").type.value_type == "float"
     reference = read_latents(pq.read_table(latent_run["output"] / "00000.parquet"))

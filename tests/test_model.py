@@ -12,7 +12,7 @@ from skimage import data
 import infgen
 from infgen.decode import decode, extrapolation_sizes, parse_size
 from infgen.model import PRESETS, QUERY_INITS, InfGen, InfGenConfig, preset
-from infgen.pixel_decoder import PixelDecoderConfig
+from infgen.pixel_decoder import PixelDecoder, PixelDecoderConfig
 from infgen.posenc import INPE, INPEConfig, normalized_grid
 from infgen.vae import VAE_DOWNSAMPLE_FACTOR
 
@@ -112,7 +112,9 @@ def test_inpe_frequencies_are_fixed_by_the_seed():
 
 @pytest.mark.parametrize("query_init", QUERY_INITS)  # sampled query features must not break chunking
 def test_chunked_and_tiled_decode_equal_one_pass(query_init):
-    model = randomized(InfGen(preset("tiny", latent_patch_size=2, query_init=query_init)))
+    # 2×2 latent patches: the 16-channel sample the tokens start from needs 16 token channels
+    decoder = replace(preset("tiny").decoder, in_channels=16)
+    model = randomized(InfGen(preset("tiny", latent_patch_size=2, query_init=query_init, decoder=decoder)))
     latents = torch.randn(2, 4, 12, 10)
     size = (203, 150)  # grid 26×19: tiles of 4 cells leave ragged edges on both axes
     with torch.no_grad():
@@ -120,6 +122,49 @@ def test_chunked_and_tiled_decode_equal_one_pass(query_init):
         pieces = model(latents, size, query_chunk=37, tile_cells=4)
     assert whole.std() > 0.05  # a non-trivial output, so equality means something
     assert (whole - pieces).abs().max().item() <= 1e-4
+
+
+def test_pixel_decoder_keeps_a_constant_image_constant_up_to_its_edges():
+    """Replicate padding: a constant token grid decodes to a constant image, border included (zero padding
+    gave the first demo a coloured 1-pixel border, since features do not average to zero)."""
+    decoder = randomized(PixelDecoder(preset("tiny").decoder))
+    grid = torch.ones(1, 8, 6, 5) * torch.randn(1, 8, 1, 1)
+    with torch.no_grad():
+        image = decoder(grid)
+    assert (image - image[..., :1, :1]).abs().max() <= 1e-5 * image.abs().max()
+    zero_padded = randomized(PixelDecoder(replace(preset("tiny").decoder, padding="zeros")))
+    with torch.no_grad():
+        bordered = zero_padded(grid)
+    edge = (bordered[..., 0, :] - bordered[..., 8, :]).abs().max()
+    assert edge > 1e-3 * bordered.abs().max()  # zero padding shows: the test can tell the difference
+
+
+def test_configs_saved_before_the_fixes_load_as_the_first_design():
+    old = InfGen(preset("tiny")).config.to_dict()
+    for key in ("token_skip", "query_norm"):
+        del old[key]
+    for key in ("norm", "padding"):
+        del old["decoder"][key]
+    config = InfGenConfig.from_dict(old)
+    assert (config.token_skip, config.query_norm) == (False, True)
+    assert (config.decoder.norm, config.decoder.padding) == ("layer", "zeros")
+    assert isinstance(InfGen(config).query_norm, torch.nn.LayerNorm)
+
+
+@pytest.mark.parametrize("window", [(0, 0, 64, 48), (40, 33, 72, 80), (136, 70, 67, 80)])
+def test_a_window_decodes_to_the_same_pixels_as_the_whole_image(window):
+    """Training decodes windows of large targets: the window must be exactly that part of the decode."""
+    model = randomized(InfGen(preset("tiny")))
+    latents = torch.randn(2, 4, 8, 8)
+    size = (203, 150)
+    top, left, height, width = window
+    with torch.no_grad():
+        whole = model(latents, size)
+        part = model(latents, size, window=window)
+    assert part.shape == (2, 3, height, width)
+    assert (whole[:, :, top : top + height, left : left + width] - part).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="not inside"):
+        model(latents, size, window=(150, 0, 64, 64))
 
 
 def test_decode_tiles_large_outputs_exactly():

@@ -105,9 +105,15 @@ def test_the_latent_record_gives_the_geometry_later_stages_derive(tmp_path):
     assert stage1.validation_sizes() == ((512, 512), (1024, 1024), (512, 1024))
     stage2 = write_record(tmp_path / "stage2", 512, target_sizes(PRESETS["stage2"].policy))
     assert stage2.in_distribution_scale == 4.0  # 512 → ≤ 2048
-    embedded = write_record(tmp_path / "embedded", 64, target_sizes(PRESETS["embedded"].policy))
+    embedded = write_record(tmp_path / "embedded", 64, target_sizes(PRESETS["smoke"].policy))
     assert embedded.validation_sizes() == ((64, 64), (128, 128), (64, 128))
     assert (embedded.holdout_fraction, embedded.seed) == (0.25, 3)
+    # a stage that trains on the smaller targets of a shared latent folder sees a smaller range
+    limited = stage2.limited_to(1024)
+    assert limited.in_distribution_scale == 2.0 and max(map(max, limited.target_sizes)) == 1024
+    assert stage2.limited_to(None) is stage2
+    with pytest.raises(ValueError, match="no target that small"):
+        stage2.limited_to(256)
 
 
 def test_the_training_decoder_takes_its_geometry_from_the_record(tmp_path):

@@ -11,6 +11,7 @@ from conftest import TINY_VAE_SCALING_FACTOR as SCALING_FACTOR
 from conftest import TINY_VAE_SHIFT_FACTOR as SHIFT_FACTOR
 
 import infgen.substitutes.embedded_vae as embedded
+import infgen.substitutes.train_vae as train_vae
 from infgen.substitutes.synthetic import make_image, make_images
 from infgen.vae import FrozenVAE
 
@@ -167,44 +168,62 @@ def test_make_images_stacks_seeds():
     np.testing.assert_array_equal(batch[1], make_image(2, 24, 40))
 
 
-# ---- embedded (offline substitute) VAE ----
+# ---- the shipped substitute VAE and its reproduction script ----
 
 
-@pytest.fixture
-def quick_recipe(monkeypatch):
-    """Shrink the data side of the recipe so a 2-step training run takes about a second."""
-    monkeypatch.setattr(embedded, "BATCH_SIZE", 2)
-    monkeypatch.setattr(embedded, "HOLDOUT_IMAGES", 2)
-    monkeypatch.setattr(embedded, "POOL_IMAGES", 4)
+def test_shipped_substitute_vae_loads_and_says_what_it_is():
+    log = []
+
+    vae = embedded.embedded_vae(log=log.append)
+
+    assert any("OFFLINE SUBSTITUTE" in line for line in log)
+    assert vae.source == str(embedded.WEIGHTS_DIR)
+    assert vae.latent_channels == 4 and vae.downsample_factor == 8
+    # no mid-block attention: InfGen's pixel decoder warm-starts from this decoder layer for layer
+    assert not vae.autoencoder.config.mid_block_add_attention
+    report = embedded.embedded_vae_report()
+    assert vae.scaling_factor == pytest.approx(report["scaling_factor"])
+    assert vae.encode(random_images(1, 24, 24)).shape == (1, 4, 3, 3)
 
 
-def test_embedded_vae_trains_once_then_loads_from_cache(tmp_path, quick_recipe):
-    first_log, second_log = [], []
+def test_shipped_substitute_vae_reconstructs_held_out_photographs():
+    """The issue's bar: ≥ 22 dB on real photographs at 128² that the VAE never trained on."""
+    from infgen.substitutes import photographs
 
-    trained = embedded.embedded_vae(tmp_path, steps=2, log=first_log.append)
-    cached = embedded.embedded_vae(tmp_path, steps=2, log=second_log.append)
+    assert not {p.name for p in photographs.HELD_OUT} & set(
+        embedded.embedded_vae_report()["recipe"]["training_photographs"]
+    )
+    photos = train_vae.holdout_photographs(128)
 
-    folder = embedded.embedded_vae_directory(tmp_path, steps=2)
-    assert trained.source == cached.source == str(folder)
-    assert [path.name for path in tmp_path.iterdir()] == [folder.name]  # no temporary left behind
-    assert any("OFFLINE SUBSTITUTE" in line for line in first_log + second_log)
-    assert any("training 2 steps" in line for line in first_log)
-    assert not any("training" in line for line in second_log)
-    assert any("loading cached" in line for line in second_log)
+    psnr = train_vae.reconstruction_psnr(embedded.embedded_vae(log=lambda _: None).autoencoder, photos)
 
-    report = json.loads((folder / embedded.RECIPE_FILE).read_text())
+    assert psnr >= 22.0
+    assert psnr == pytest.approx(embedded.embedded_vae_report()["held_out_photograph_psnr_db"], abs=0.05)
+
+
+def test_reproduction_script_trains_and_writes_loadable_weights(tmp_path, monkeypatch):
+    from infgen.substitutes import photographs
+
+    monkeypatch.setattr(train_vae, "SYNTHETIC_IMAGES", 2)
+    monkeypatch.setattr(train_vae, "SYNTHETIC_SIDE_RANGE", (64, 80))
+    monkeypatch.setattr(train_vae, "BATCH_SIZE", 2)
+    monkeypatch.setattr(train_vae, "HOLDOUT_SYNTHETIC", 1)
+    monkeypatch.setattr(photographs, "TRAINING", photographs.TRAINING[:1])  # scikit-image's: installed here
+
+    train_vae.main(["--output", str(tmp_path / "weights"), "--steps", "2", "--threads", "1"])
+
+    vae = FrozenVAE.load(tmp_path / "weights")
+    report = json.loads((tmp_path / "weights" / train_vae.RECIPE_FILE).read_text())
     assert report["recipe"]["steps"] == 2
-    # the calibrated scaling factor went into config.json, so FrozenVAE.load reads it back
-    assert cached.scaling_factor == pytest.approx(report["scaling_factor"])
-    assert cached.latent_channels == 4 and cached.downsample_factor == 8
-    assert cached.encode(random_images(1, 24, 24)).shape == (1, 4, 3, 3)
+    assert vae.scaling_factor == pytest.approx(report["scaling_factor"])
+    assert [path.name for path in tmp_path.iterdir()] == ["weights"]  # no temporary folder left behind
 
 
 def test_average_pool_init_starts_as_an_8x8_average_pool_codec():
     from diffusers import AutoencoderKL
 
-    autoencoder = AutoencoderKL(**embedded.AUTOENCODER_CONFIG)
-    embedded._average_pool_init(autoencoder)
+    autoencoder = AutoencoderKL(**train_vae.AUTOENCODER_CONFIG)
+    train_vae._average_pool_init(autoencoder)
     images = random_images(2, 32, 48)
 
     with torch.no_grad():
@@ -216,19 +235,3 @@ def test_average_pool_init_starts_as_an_8x8_average_pool_codec():
     expected = torch.nn.functional.interpolate(pooled, scale_factor=8, mode="nearest")
     torch.testing.assert_close(reconstruction, expected, atol=0.05, rtol=0)
     assert posterior.std.max() < 0.01  # near-deterministic from the start
-
-
-def test_changed_recipe_changes_the_cache_folder(tmp_path, monkeypatch):
-    default = embedded.embedded_vae_directory(tmp_path)
-
-    assert default.parent == tmp_path
-    assert embedded.embedded_vae_directory(tmp_path, steps=embedded.DEFAULT_STEPS + 1) != default
-    assert embedded.embedded_vae_directory(tmp_path, seed=embedded.TRAINING_SEED + 1) != default
-    monkeypatch.setattr(embedded, "LEARNING_RATE", embedded.LEARNING_RATE / 2)
-    assert embedded.embedded_vae_directory(tmp_path) != default
-
-
-def test_cache_dir_defaults_to_environment_variable(tmp_path, monkeypatch):
-    monkeypatch.setenv("INFGEN_CACHE", str(tmp_path))
-
-    assert embedded.embedded_vae_directory().parent == tmp_path

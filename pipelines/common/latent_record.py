@@ -19,6 +19,7 @@ takes the VAE, its channels and the encoder's input side from it; both take the 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from pipelines.common.files import read_json
@@ -56,6 +57,18 @@ class LatentRecord:
     def in_distribution_scale(self) -> float:
         """How far beyond the input side training targets reach: the decoder's single-pass range."""
         return self.max_target_side / self.input_side
+
+    def limited_to(self, max_side: int | None) -> LatentRecord:
+        """The record as a training run that uses only targets with sides ≤ max_side sees it."""
+        if max_side is None:
+            return self
+        sizes = tuple(size for size in self.target_sizes if max(size) <= max_side)
+        if not sizes:
+            raise ValueError(
+                f"max_target_side {max_side}: the latents in {self.path} have no target that small "
+                f"(smallest {min(self.target_sizes, key=max)})"
+            )
+        return dataclasses.replace(self, target_sizes=sizes)
 
     def validation_sizes(self) -> tuple[tuple[int, int], ...]:
         """1× (the stock decoder's own size), the largest square target, and the widest target at the

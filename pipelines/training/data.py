@@ -31,7 +31,13 @@ class SampleRef:
 
 class LatentBatches:
     def __init__(
-        self, latents_dir: str, images_dir: str, global_batch: int, seed: int, cache_shards: int = 4
+        self,
+        latents_dir: str,
+        images_dir: str,
+        global_batch: int,
+        seed: int,
+        cache_shards: int = 4,
+        max_target_side: int | None = None,
     ):
         filesystem, root = fsspec.core.url_to_fs(latents_dir)
         self.filesystem, self.latents_root = filesystem, root
@@ -46,12 +52,17 @@ class LatentBatches:
             with filesystem.open(path, "rb") as handle:
                 table = pq.read_table(handle, columns=PLAN_COLUMNS)
             targets = zip(*(table.column(c).to_pylist() for c in PLAN_COLUMNS[1:]))
-            self.by_shard[name] = [SampleRef(name, row, (h, w)) for row, (h, w) in enumerate(targets)]
+            self.by_shard[name] = [
+                SampleRef(name, row, (h, w))
+                for row, (h, w) in enumerate(targets)
+                if max_target_side is None or max(h, w) <= max_target_side
+            ]
             for ref in self.by_shard[name]:
                 counts[ref.target] += 1
         if not any(count >= global_batch for count in counts.values()):
+            limit = f" with sides ≤ {max_target_side}" if max_target_side else ""
             raise ValueError(
-                f"no target size in {latents_dir} has {global_batch} samples (the global batch): "
+                f"no target size{limit} in {latents_dir} has {global_batch} samples (the global batch): "
                 f"sizes {sorted(counts.items())}"
             )
         # Each bucket gives floor(samples / global_batch) batches an epoch, whatever the shard order.
