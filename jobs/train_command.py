@@ -1,8 +1,10 @@
 """`infgen train`: one training stage of the decoder on Ray Train with DeepSpeed, tracked in MLflow.
 
     infgen train --preset stage1 --latents LATENTS --images OUT/images --output RUNS/stage1
-    infgen train --preset stage2 ... --output RUNS/stage2 --init-from RUNS/stage1/final_decoder
+    infgen train --preset stage2 ... --output RUNS/stage2 --continue-from RUNS/stage1
 
+`--continue-from RUN` continues a finished run: its decoder, EMA, discriminator and optimizer state carry
+(pipelines/training/continuation.py). `--init-from DECODER` starts from a decoder folder's weights only.
 Rerunning the same command (same --output) resumes from the last checkpoint.
 """
 
@@ -26,7 +28,12 @@ class TrainOptions:
     latents: str = option(help="the latent stage's output folder")
     images: str = option(help="the ingest stage's images/ folder")
     init_from: str | None = option(
-        None, help="decoder directory to start from (stage 2: stage 1's final_decoder)"
+        None, help="decoder folder (infgen.save) to start from: its weights only, fresh discriminator"
+    )
+    continue_from: str | None = option(
+        None,
+        help="a finished training run's --output folder to continue (stage 2: stage 1's): its decoder, "
+        "EMA, discriminator and optimizer state",
     )
     steps: int | None = option(None, help="override the preset's number of steps")
     workers: int | None = option(None, help="override the preset's number of workers")
@@ -52,15 +59,20 @@ def run_train_command(options: TrainOptions, context: RunContext) -> dict:
     import os
 
     from pipelines.common.files import resolve_inputs
+    from pipelines.training.continuation import check_decoder_folder, find_continuation
     from pipelines.training.stage import run_training
 
     config = build_config(options)
     resolve_inputs([options.latents], "latents")
     resolve_inputs([options.images], "images")
-    if options.init_from and not os.path.isdir(options.init_from):
-        raise FileNotFoundError(f"--init-from {options.init_from} is not a decoder directory")
+    if options.init_from and options.continue_from:
+        raise ValueError("--init-from and --continue-from exclude each other: give one")
+    if options.init_from:  # the full checks run again in run_training; these fail before Ray starts
+        check_decoder_folder(options.init_from)
+    if options.continue_from:
+        find_continuation(options.continue_from)
     if not config.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise probe for CUDA
     context.connect_ray()
     return run_training(config, options.latents, options.images, options.output, context.tracking(),
-                        init_from=options.init_from)  # fmt: skip
+                        init_from=options.init_from, continue_from=options.continue_from)  # fmt: skip

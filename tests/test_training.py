@@ -10,14 +10,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from training_faults import FailOnceAt, NonFiniteLossAt
+from training_faults import FailOnceAt, NonFiniteLossAt, RecordStart
 
 import infgen
 from pipelines.common.latent_record import read_latent_record
 from pipelines.common.tracking import StageTracking
 from pipelines.training.config import STAGE1_SMALL, STAGE2_SMALL, TrainConfig
+from pipelines.training.continuation import check_compatible, check_decoder_folder, find_continuation
 from pipelines.training.data import LatentBatches
-from pipelines.training.stage import run_training
+from pipelines.training.stage import model_config, run_training
 
 
 def losses_by_step(path):
@@ -233,3 +234,72 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all(stage1):
     logged = losses_by_step(stage1["storage"] / "nan" / "losses.jsonl")
     assert sorted(logged) == [0, 1, 2, 4, 5]  # step 3 skipped, and no rank hung waiting for the other
     assert logged[2]["skipped_batches"] == 0 and logged[4]["skipped_batches"] == 1
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_stage2_continues_stage1_with_its_discriminator_optimizers_and_ema(stage1):
+    """--continue-from: stage 2 starts with stage 1's last checkpoint (decoder, EMA, discriminator, both
+    optimizers' state), its own hyperparameters, an LR that does not warm up from zero again, and the GAN on
+    from step 0 although its config says later (the discriminator is trained)."""
+    run = stage1["storage"] / "stage1"
+    config = STAGE2_SMALL.with_gan_start(4)
+    output = stage1["storage"] / "continued"
+    manifest = run_training(
+        config, stage1["latents"], stage1["images"], str(output), StageTracking(stage1["tracking"]),
+        continue_from=str(run), hooks=RecordStart(),
+    )  # fmt: skip
+    started = torch.load(output / "started.pt", weights_only=True)
+    steps = STAGE1_SMALL.steps
+    (last,) = [c.parent for c in run.glob("checkpoint_*/trainer_state.pt") if torch.load(c)["step"] == steps]
+    saved = {  # DeepSpeed's files (fp32, ZeRO 0: module and optimizer state in one file per engine)
+        name: torch.load(last / name / f"step{steps}" / "mp_rank_00_model_states.pt", weights_only=False)
+        for name in ("generator", "discriminator")
+    }
+    assert same_tensors(started["ema"], torch.load(last / "trainer_state.pt")["ema"])
+    assert same_tensors(started["decoder"], saved["generator"]["module"])
+    assert same_tensors(started["discriminator"], saved["discriminator"]["module"])
+    for name in ("generator", "discriminator"):
+        before, after = saved[name]["optimizer"]["state"], started[f"{name}_optimizer"]["state"]
+        assert before and before.keys() == after.keys()
+        assert all(same_tensors(before[index], after[index]) for index in before), name
+    assert started["discriminator_optimizer"]["param_groups"][0]["lr"] == config.optimizer.discriminator_lr
+
+    # The first LR is the peak (a warm restart), where a fresh start takes a warm-up's first step.
+    peak = config.optimizer.peak_lr
+    assert started["lr"] == pytest.approx(peak)
+    logged = losses_by_step(output / "losses.jsonl")
+    assert logged[0]["lr"] == pytest.approx(peak)
+    fresh = losses_by_step(run / "losses.jsonl")[0]["lr"]  # stage 1 started fresh: warm-up from zero
+    assert fresh == pytest.approx(STAGE1_SMALL.optimizer.peak_lr / STAGE1_SMALL.optimizer.warmup_steps)
+    # The GAN is on from step 0, and the record says so and what the run continued.
+    assert "discriminator" in logged[0] and manifest["config"]["loss"]["gan_start_step"] == 0
+    assert manifest["inputs"]["continue_from"] == {"run": str(run), "checkpoint": last.name, "step": steps}
+
+
+def test_bad_starting_points_are_refused_naming_the_path_and_the_problem(stage1, tmp_path):
+    run, decoder = str(stage1["storage"] / "stage1"), stage1["result"]["decoder"]
+    with pytest.raises(ValueError, match=rf"--continue-from {decoder} is not a training run's .*--init-from"):
+        find_continuation(decoder)
+    with pytest.raises(ValueError, match=rf"--init-from {run} is a training run's output .*--continue-from"):
+        check_decoder_folder(run)
+    check_decoder_folder(decoder)  # a decoder folder is what --init-from takes
+    with pytest.raises(FileNotFoundError, match=rf"--continue-from {tmp_path}/missing does not exist"):
+        find_continuation(str(tmp_path / "missing"))
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "training.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"unfinished: that training run has not finished \(no manifest"):
+        find_continuation(str(tmp_path / "unfinished"))
+
+    continuation = find_continuation(run)
+    bf16 = dataclasses.replace(STAGE2_SMALL, precision="bf16", zero_stage=1, num_workers=1, global_batch=2)
+    decoder_config = model_config(bf16, read_latent_record(stage1["latents"]))
+    expected = r"cannot continue that run: precision 'fp32' there, 'bf16' here; zero_stage 0 there, 1 here; "
+    with pytest.raises(ValueError, match=expected + r"ZeRO stage 1 .* it ran on 2, this run on 1"):
+        check_compatible(continuation, bf16, decoder_config)
+    with pytest.raises(ValueError, match="give one"):
+        run_training(STAGE2_SMALL, stage1["latents"], stage1["images"], str(tmp_path / "both"),
+                     StageTracking(stage1["tracking"]), init_from=decoder, continue_from=run)  # fmt: skip
+    assert not (tmp_path / "both").exists()  # refused before anything was written

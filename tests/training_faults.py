@@ -41,4 +41,31 @@ class NonFiniteLossAt:
         return total * float("nan") if step == self.step and rank == 0 else total
 
 
+class RecordStart:
+    """No fault: rank 0 saves what the engines hold before the first step (RUN/started.pt), so a test can
+    compare it with what the run started from."""
+
+    def before_step(self, step: int, rank: int, run_dir: str) -> None:
+        pass
+
+    def loss(self, total, step: int, rank: int):
+        return total
+
+    def started(self, parts, rank: int, run_dir: str) -> None:
+        import torch
+
+        if rank != 0:
+            return
+        state = {
+            "decoder": parts.model.state_dict(),
+            "ema": parts.ema.state_dict(),
+            "discriminator": parts.discriminator.module.state_dict(),
+            "discriminator_optimizer": parts.discriminator.optimizer.state_dict(),
+            "generator_optimizer": parts.generator.optimizer.state_dict(),
+            "lr": parts.scheduler.get_last_lr()[0],
+        }
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(state, Path(run_dir) / "started.pt")
+
+
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

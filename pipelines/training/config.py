@@ -20,6 +20,11 @@ class OptimizerConfig:
     peak_lr: float = 2e-4
     final_lr: float = 1e-5
     warmup_steps: int = 5_000
+    # A stage that continues a finished one (`infgen train --continue-from`) carries its AdamW moments, so
+    # its LR needs no warm-up from zero: it ramps from final_lr (where the previous stage's cosine ended) to
+    # peak_lr over this many steps; 0 restarts at the peak at once (a warm restart). docs/paper.md, "Defaults
+    # where the paper is silent".
+    continued_warmup_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.01
     discriminator_lr: float = 1e-4

@@ -7,18 +7,29 @@ step for step. Bad data policy: a latent batch of the wrong shape or with non-fi
 naming the batch (a data bug to fix, not noise); a non-finite loss skips the step on every rank, is counted
 and logged, and more than `MAX_SKIPPED_IN_A_ROW` in a row stops the run.
 
+Continuing a finished stage (`--continue-from`, pipelines/training/continuation.py): when the run has no
+checkpoint of its own, both engines load the previous stage's last checkpoint with their optimizer state (the
+decoder's fp32 master weights and AdamW moments, the discriminator's weights and Adam moments) but not its LR
+scheduler, the optimizers keep this stage's hyperparameters, and the EMA is the previous stage's.
+
+The EMA follows DeepSpeed's fp32 master weights, not the module's bf16 copy: averaging bf16-rounded weights
+would round every update of a 0.9999 EMA (one part in 10^4 of a step) away.
+
 Tests inject faults through `hooks` (an object passed in, never part of the config):
-`hooks.before_step(step, rank, run_dir)` may raise, and `hooks.loss(total, step, rank)` may replace the loss
+`hooks.before_step(step, rank, run_dir)` may raise, `hooks.loss(total, step, rank)` may replace the loss, and
+`hooks.started(parts, rank, run_dir)`, if the object has it, sees the engines before the first step
 (tests/training_faults.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,18 +37,51 @@ import torch
 MAX_SKIPPED_IN_A_ROW = 5
 
 
-def lr_lambda(config):
-    """Linear warm-up to the peak, then cosine decay to `final_lr` at the last step (as a factor of peak)."""
+def lr_lambda(config, continued: bool = False):
+    """Linear warm-up to the peak, then cosine decay to `final_lr` at the last step (as a factor of peak).
+    A fresh run warms up from zero over `warmup_steps`; a continued one (its AdamW moments carried) from
+    `final_lr`, where the previous stage ended, over `continued_warmup_steps` (0: at the peak from step 0)."""
     optimizer = config.optimizer
     floor = optimizer.final_lr / optimizer.peak_lr
+    warmup = optimizer.continued_warmup_steps if continued else optimizer.warmup_steps
+    start = floor if continued else 0.0
 
     def factor(step: int) -> float:
-        if step < optimizer.warmup_steps:
-            return (step + 1) / optimizer.warmup_steps
-        progress = (step - optimizer.warmup_steps) / max(1, config.steps - optimizer.warmup_steps)
+        if step < warmup:
+            return start + (1 - start) * (step + 1) / warmup
+        progress = (step - warmup) / max(1, config.steps - warmup)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def require_reachable_master_weights(config) -> None:
+    """bf16 needs ZeRO stage ≥ 1. With ZeRO stage 0, DeepSpeed 0.19 keeps the fp32 master weights of bf16
+    training in its FP16_UnfusedOptimizer, where its public API (`deepspeed.utils.safe_get_full_fp32_param`)
+    does not reach them, and the EMA must follow them (module docstring). On one worker ZeRO 1 partitions
+    nothing, so it costs nothing there."""
+    if config.precision == "bf16" and config.zero_stage < 1:
+        raise ValueError(
+            f"training config {config.stage!r}: bf16 needs zero_stage ≥ 1, got {config.zero_stage}; "
+            "the EMA follows DeepSpeed's fp32 master weights, which its public API reaches only under ZeRO"
+        )
+
+
+def fp32_master_weights(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The fp32 weights the optimizer updates, one per parameter of the DeepSpeed-wrapped `model`, in its
+    parameter order. In fp32 runs these are the module's own weights. In bf16 runs (ZeRO 1/2) each is
+    gathered from the ranks' partitions: an all-reduce per parameter, so every rank must iterate this, all
+    the way, in the same order."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, parameter in model.named_parameters():
+        if parameter.dtype == torch.float32:
+            yield parameter
+            continue
+        master = safe_get_full_fp32_param(parameter)
+        if master is None:
+            raise RuntimeError(f"DeepSpeed holds no fp32 master copy of {name} ({parameter.dtype})")
+        yield master
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -65,16 +109,21 @@ class Engines:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
-def build_engines(config, init_from: str | None = None, model_config=None) -> Engines:
+def build_engines(
+    config, init_from: str | None = None, model_config=None, continued: bool = False
+) -> Engines:
     """The model, EMA, loss and both DeepSpeed engines from the typed config (no Ray: the torch process group
     must already exist, or DeepSpeed sets one up from RANK/WORLD_SIZE/MASTER_ADDR/... itself). `model_config`
     (an InfGenConfig) defaults to the config's preset with its overrides; the training stage passes the one
-    it derived from the latent record."""
+    it derived from the latent record. `init_from`: a decoder folder whose weights the decoder (and its EMA)
+    start from. `continued`: the run will load a previous stage's state (`continue_training_state`), so its
+    LR schedule is the continued one."""
     import deepspeed
 
     import infgen
     from infgen.losses import DecoderLoss
 
+    require_reachable_master_weights(config)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = infgen.InfGen(model_config or infgen.preset(config.model_preset, **config.model_overrides))
     if init_from:
@@ -86,7 +135,9 @@ def build_engines(config, init_from: str | None = None, model_config=None) -> En
         model=model,
         model_parameters=parameter_groups(model, config.optimizer.weight_decay),
         config=config.deepspeed_config(),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config)),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(config, continued)
+        ),
     )
     discriminator, _, _, _ = deepspeed.initialize(
         model=loss.discriminator,
@@ -122,6 +173,7 @@ def train_step(
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() < 1:
         return None
+    lr = parts.scheduler.get_last_lr()[0]  # the LR this step uses (engine.step() moves the schedule on)
     engine.backward(losses["total"])
     engine.step()
     metrics = {name: value.item() for name, value in losses.items()}
@@ -132,10 +184,48 @@ def train_step(
         parts.discriminator.step()
         metrics.update({name: value.item() for name, value in d_losses.items()})
     with torch.no_grad():
-        for average, current in zip(parts.ema.parameters(), parts.model.parameters()):
-            average.lerp_(current.detach().float().to(average.dtype), 1 - config.ema_decay)
-    metrics["lr"] = parts.scheduler.get_last_lr()[0]
+        for average, master in zip(parts.ema.parameters(), fp32_master_weights(parts.model), strict=True):
+            average.lerp_(master.detach().to(average.device, average.dtype), 1 - config.ema_decay)
+    metrics["lr"] = lr
     return metrics
+
+
+@contextlib.contextmanager
+def _this_stages_hyperparameters(engine) -> Iterator[None]:
+    """Loading an optimizer's state also loads the saved run's hyperparameters (lr, betas, weight decay,
+    the scheduler's initial_lr): put this run's back, so only the state (moments, step counts) carries."""
+    wanted = [
+        {key: value for key, value in group.items() if key != "params"}
+        for group in engine.optimizer.param_groups
+    ]
+    yield
+    groups = engine.optimizer.param_groups
+    if len(groups) != len(wanted):
+        raise ValueError(f"the loaded optimizer has {len(groups)} parameter groups, this run {len(wanted)}")
+    for group, values in zip(groups, wanted):
+        group.update(values)
+
+
+def _load_engine_state(engine, directory: str) -> None:
+    """Weights and optimizer state (DeepSpeed restores fp32 masters exactly from its optimizer state), not
+    the LR scheduler: this stage has its own schedule."""
+    with _this_stages_hyperparameters(engine):
+        path, _ = engine.load_checkpoint(
+            directory, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory} (its 'latest' tag file is missing)")
+
+
+def continue_training_state(parts: Engines, directory: str) -> int:
+    """Start this run from a previous stage's checkpoint folder (generator/, discriminator/,
+    trainer_state.pt): both engines' weights and optimizer state, and the EMA. Returns the previous stage's
+    step. Every rank calls it (ZeRO ranks load their own partitions)."""
+    _load_engine_state(parts.generator, os.path.join(directory, "generator"))
+    _load_engine_state(parts.discriminator, os.path.join(directory, "discriminator"))
+    state = torch.load(os.path.join(directory, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    parts.ema.load_state_dict(state["ema"])
+    return int(state["step"])
 
 
 def train_loop(loop_config: dict) -> None:
@@ -153,7 +243,8 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
 
     model_config = infgen.InfGenConfig.from_dict(loop_config["model"])
-    parts = build_engines(config, loop_config.get("init_from"), model_config)
+    continue_from = loop_config.get("continue_from")  # a previous stage's last checkpoint, or None
+    parts = build_engines(config, loop_config.get("init_from"), model_config, continued=bool(continue_from))
     engine, discriminator, ema = parts.generator, parts.discriminator, parts.ema
     data = LatentBatches(loop_config["latents"], loop_config["images"], config.global_batch, config.seed)
     logger = RankZeroLogger(loop_config, rank)
@@ -169,6 +260,15 @@ def train_loop(loop_config: dict) -> None:
         ema.load_state_dict(state["ema"])
         start_step = int(state["step"])
         logger.line(f"train: resumed at step {start_step} from {checkpoint.path}")
+    elif continue_from:
+        with Checkpoint(continue_from).as_directory() as directory:
+            previous_step = continue_training_state(parts, directory)
+        logger.line(
+            f"train: continuing from step {previous_step} of {continue_from}: decoder, EMA, discriminator "
+            f"and both optimizers' state; LR {parts.scheduler.get_last_lr()[0]:.3g} at step 0"
+        )
+    if hooks is not None and hasattr(hooks, "started"):
+        hooks.started(parts, rank, loop_config["output"])
 
     expected_latent = (parts.model.config.latent_channels,)
     skipped_total, skipped_in_a_row = 0, 0

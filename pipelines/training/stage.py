@@ -6,6 +6,9 @@ checkpoints, losses.jsonl, validation latents and the final decoder all live und
 same output; Ray Train restores the latest checkpoint, and worker failures within a run restart from it on
 their own (`max_failures`). The MLflow run is found again by its tags, so a resumed run keeps logging into the
 same MLflow run.
+
+A run starts from scratch, from a decoder folder (`init_from`: weights only) or from a finished run
+(`continue_from`: decoder, EMA, discriminator and optimizer state; pipelines/training/continuation.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from pipelines.common.signals import sigint_handler_kept
 from pipelines.common.stage_output import claim_output, finish_stage
 from pipelines.common.tracking import StageTracking, experiment_id, find_or_create_run, flatten
 from pipelines.training.config import TrainConfig
-from pipelines.training.loop import train_loop
+from pipelines.training.continuation import (
+    Continuation,
+    check_compatible,
+    check_decoder_folder,
+    continued_config,
+    find_continuation,
+)
+from pipelines.training.loop import require_reachable_master_weights, train_loop
 from pipelines.training.validation import write_validation_latents
 
 MANIFEST_VERSION = 1
@@ -60,6 +70,35 @@ def mlflow_run(tracking: StageTracking, config: TrainConfig, name: str) -> str:
     return find_or_create_run(client, experiment, tags, name, on_create=log_config)
 
 
+def starting_point(
+    config: TrainConfig, decoder_config, init_from: str | None, continue_from: str | None
+) -> tuple[TrainConfig, Continuation | None]:
+    """Check what the run starts from, and say it; returns the config (a continued run keeps the GAN on
+    from step 0) and the continuation, if any."""
+    if init_from and continue_from:
+        raise ValueError(
+            f"--init-from {init_from} and --continue-from {continue_from}: give one (a decoder folder to "
+            "start from its weights, or a finished run's folder to continue it)"
+        )
+    if init_from:
+        check_decoder_folder(init_from)
+        print(
+            f"train: starting from the decoder weights in {init_from} only: the EMA starts from them, the "
+            f"discriminator and both optimizers start fresh, the GAN at step {config.loss.gan_start_step}"
+        )
+        return config, None
+    if continue_from:
+        continuation = find_continuation(continue_from)
+        check_compatible(continuation, config, decoder_config)
+        print(
+            f"train: continuing {continuation.run} ({continuation.manifest['config']['stage']}, step "
+            f"{continuation.step}): its decoder, EMA, discriminator and optimizer state carry; this run's "
+            "hyperparameters apply"
+        )
+        return continued_config(config, continuation), continuation
+    return config, None
+
+
 def worker_environment(use_gpu: bool) -> dict[str, str]:
     # Ray Train V2 patches print() on its workers to log as well as print: every progress line reached the
     # driver twice. Our lines are progress only (losses.jsonl and MLflow keep the record), so printed once.
@@ -78,18 +117,26 @@ def run_training(
     init_from: str | None = None,
     max_failures: int = 1,
     hooks=None,
+    continue_from: str | None = None,
 ) -> dict:
     """Train (or resume) one stage into `output`; returns the manifest ("decoder": the final EMA decoder's
-    folder, "mlflow_run_id", "metrics"...). `hooks`: test fault injection (pipelines/training/loop.py)."""
+    folder, "mlflow_run_id", "metrics"...). `init_from`: a decoder folder (weights only); `continue_from`: a
+    finished training run's output folder (its whole state). `hooks`: test fault injection
+    (pipelines/training/loop.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     output, latents, images = absolute(output).rstrip("/"), absolute(latents), absolute(images)
     init_from = absolute(init_from) if init_from else None
-    record = read_latent_record(latents)  # bad input fails here, before anything is written
+    continue_from = absolute(continue_from) if continue_from else None
+    require_reachable_master_weights(config)  # bad input fails here, before anything is written
+    record = read_latent_record(latents)
     decoder_config = model_config(config, record)
+    config, continuation = starting_point(config, decoder_config, init_from, continue_from)
     geometry = {key: value for key, value in dataclasses.asdict(record).items() if key != "path"}
     inputs = {"latents": latents, "images": images, "init_from": init_from, "latent_geometry": geometry}
+    if continuation:  # only then: the records of runs that continue nothing stay as they were
+        inputs["continue_from"] = continuation.record()
     os.makedirs(output, exist_ok=True)
     started = time.perf_counter()
     with RunLock(f"{output}/_LOCK"):
@@ -106,6 +153,7 @@ def run_training(
             "images": images,
             "output": output,
             "init_from": init_from,
+            "continue_from": continuation.checkpoint if continuation else None,
             "tracking_uri": tracking.uri,
             "mlflow_run_id": run_id,
             "validation_latents": validation,
