@@ -56,6 +56,33 @@ def test_config_generates_the_deepspeed_json():
         dataclasses.replace(STAGE1_SMALL, global_batch=5)
 
 
+def test_training_windows_lie_inside_large_targets_and_follow_the_seed():
+    from pipelines.training.loop import training_window
+
+    def window(size, side, seed=0):
+        return training_window(size, side, torch.Generator().manual_seed(seed))
+
+    assert window((128, 96), 128) is None and window((512, 512), None) is None  # small or off: whole target
+    windows = {window((256, 384), 128, seed) for seed in range(20)}
+    for top, left, height, width in windows:
+        assert (height, width) == (128, 128) and 0 <= top <= 128 and 0 <= left <= 256
+    assert len(windows) > 10 and window((256, 384), 128, 3) == window((256, 384), 128, 3)
+    assert window((512, 64), 128)[2:] == (128, 64)  # a narrow side stays whole
+    with pytest.raises(ValueError, match="train_window"):
+        dataclasses.replace(STAGE1_SMALL, train_window=4)
+
+
+def test_a_stage_can_train_on_the_smaller_targets_of_shared_latents(embedded_latents):
+    latents, images = str(embedded_latents["latents"]), str(embedded_latents["images"])
+    everything = LatentBatches(latents, images, 4, seed=0)
+    small = LatentBatches(latents, images, 4, seed=0, max_target_side=96)
+    sizes = {ref.target for refs in small.by_shard.values() for ref in refs}
+    assert sizes and max(map(max, sizes)) <= 96
+    assert small.per_epoch < everything.per_epoch
+    with pytest.raises(ValueError, match="with sides ≤ 32"):
+        LatentBatches(latents, images, 4, seed=0, max_target_side=32)
+
+
 def test_batches_are_bucketed_and_a_pure_function_of_the_step(embedded_latents):
     data = LatentBatches(str(embedded_latents["latents"]), str(embedded_latents["images"]), 4, seed=0)
     again = LatentBatches(str(embedded_latents["latents"]), str(embedded_latents["images"]), 4, seed=0)

@@ -47,6 +47,18 @@ class TrainConfig:
         default_factory=lambda: LossConfig(discriminator=DiscriminatorConfig(norm_groups=16))
     )
     activation_checkpointing: bool = True  # paper@1024² batch 4 peaks at 129 GiB without (bench/README.md)
+    # A fresh run's pixel decoder starts as the frozen VAE's decoder ("vae", pipelines/training/warm_start.py)
+    # or from random weights ("none"). Ignored when the run starts from a decoder or continues a run.
+    warm_start: str = "vae"
+    # Train only on target sizes whose sides are at most this (None: every size the latents have): stage 1
+    # and stage 2 can share one latent folder, stage 1 on the smaller targets.
+    max_target_side: int | None = None
+    # Decode and score one random window of at most this side per batch (None: whole targets). The window's
+    # pixels are the whole decode's (InfGen.decode_window): it is decoded with the pixel decoder's halo
+    # (receptive_radius_cells: 14 cells for `tiny`), so it saves work only on targets much larger than
+    # window + 2·halo, e.g. 1024² windows of 2048² targets (37 % of the pixels). L1 sees the window; LPIPS and
+    # the GAN see crops of it (loss.perceptual_crop).
+    train_window: int | None = None
     precision: str = "bf16"  # "bf16" or "fp32" ("fp16" is not supported on CPU, and bf16 is safer on GPU)
     zero_stage: int = 1
     num_workers: int = 8
@@ -62,6 +74,10 @@ class TrainConfig:
     RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "log_every", "print_every")
 
     def __post_init__(self):
+        if self.train_window is not None and self.train_window < 8:
+            raise ValueError(f"train_window must be at least 8 pixels (one token), got {self.train_window}")
+        if self.warm_start not in ("vae", "none"):
+            raise ValueError(f"warm_start must be 'vae' or 'none', got {self.warm_start!r}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
         if self.global_batch % self.num_workers:
@@ -131,11 +147,11 @@ STAGE1 = TrainConfig()
 STAGE2 = dataclasses.replace(
     STAGE1, stage="stage2", steps=100_000, global_batch=8, checkpoint_every=2_000,
 ).with_gan_start(0)  # fmt: skip
-# The same two stages at CPU scale: tiny model, 8×8 latents → ≤ 128² targets, 2 workers, fp32.
+# The same two stages at the test suite's scale: tiny model, 8×8 latents → ≤ 128² targets, 2 workers, fp32.
 STAGE1_SMALL = dataclasses.replace(
     STAGE1, stage="stage1-small", model_preset="tiny",
     steps=12, global_batch=4, num_workers=2, use_gpu=False, precision="fp32", zero_stage=0,
-    activation_checkpointing=False, checkpoint_every=4, log_every=1, print_every=10,
+    activation_checkpointing=False, checkpoint_every=4, log_every=1, print_every=10, train_window=96,
     ema_decay=0.9, optimizer=OptimizerConfig(peak_lr=1e-3, final_lr=5e-5, warmup_steps=2),
     loss=LossConfig(gan_start_step=6, perceptual_crop=32,
                     discriminator=DiscriminatorConfig(base_channels=16, norm_groups=16)),
@@ -143,4 +159,25 @@ STAGE1_SMALL = dataclasses.replace(
 STAGE2_SMALL = dataclasses.replace(
     STAGE1_SMALL, stage="stage2-small", steps=8, global_batch=2
 ).with_gan_start(0)
-PRESETS = {"stage1": STAGE1, "stage2": STAGE2, "stage1-small": STAGE1_SMALL, "stage2-small": STAGE2_SMALL}
+# The demo's two stages (jobs/demo.yaml) on one latent folder of 16×16 latents: stage 1 on targets ≤ 256²
+# (≤ 2×), stage 2 continues it on every target (≤ 512², 4×). A recipe that converges in minutes on 2 CPU
+# cores, from the warm-started pixel decoder (docs/paper.md, "Defaults where the paper is silent"): lr 3e-4
+# with a real warm-up (1e-3 and 3e-3 trained slower or diverged), a clip that only catches spikes (a clip of
+# 1.0 was on at every step and slowed training: gradient norms ran at 1.6-2.4), the GAN from 60 % of stage 1.
+STAGE1_DEMO = dataclasses.replace(
+    STAGE1_SMALL, stage="stage1-demo", steps=200, global_batch=2, max_target_side=256, train_window=None,
+    checkpoint_every=50, log_every=5, print_every=25, ema_decay=0.98,
+    optimizer=OptimizerConfig(peak_lr=3e-4, final_lr=3e-5, warmup_steps=20, gradient_clipping=5.0),
+    loss=dataclasses.replace(STAGE1_SMALL.loss, gan_start_step=120, perceptual_crop=128),
+)  # fmt: skip
+STAGE2_DEMO = dataclasses.replace(
+    STAGE1_DEMO, stage="stage2-demo", steps=50, max_target_side=None, checkpoint_every=25, print_every=10,
+).with_gan_start(0)  # fmt: skip
+PRESETS = {
+    "stage1": STAGE1,
+    "stage2": STAGE2,
+    "stage1-small": STAGE1_SMALL,
+    "stage2-small": STAGE2_SMALL,
+    "stage1-demo": STAGE1_DEMO,
+    "stage2-demo": STAGE2_DEMO,
+}

@@ -151,6 +151,18 @@ def build_engines(
     return Engines(model, ema, loss, engine, discriminator, scheduler)
 
 
+def training_window(
+    size: tuple[int, int], side: int | None, generator: torch.Generator
+) -> tuple[int, int, int, int] | None:
+    """A random (top, left, height, width) window of at most side² of a size-h×w target, or None (whole)."""
+    if side is None or (size[0] <= side and size[1] <= side):
+        return None
+    height, width = min(size[0], side), min(size[1], side)
+    top = int(torch.randint(size[0] - height + 1, (1,), generator=generator))
+    left = int(torch.randint(size[1] - width + 1, (1,), generator=generator))
+    return top, left, height, width
+
+
 def train_step(
     parts: Engines, config, latents: torch.Tensor, truth: torch.Tensor, step: int, rank: int, hooks=None
 ) -> dict | None:
@@ -163,7 +175,13 @@ def train_step(
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     latents, truth = latents.to(engine.device, dtype), truth.to(engine.device, dtype)
     size = tuple(truth.shape[-2:])
-    prediction = engine(latents, size)
+    window = training_window(size, config.train_window, _crop_generator(config.seed, step, rank, 2))
+    if window is None:
+        prediction = engine(latents, size)
+    else:  # the same pixels as the whole decode's, at a fraction of the cost (InfGen.decode_window)
+        prediction = engine(latents, size, window=window)
+        top, left, height, width = window
+        truth = truth[..., top : top + height, left : left + width]
     crops = _crop_generator(config.seed, step, rank, 0)
     losses = loss.generator_loss(prediction, truth, step, generator=crops)
     if hooks is not None:
@@ -246,7 +264,13 @@ def train_loop(loop_config: dict) -> None:
     continue_from = loop_config.get("continue_from")  # a previous stage's last checkpoint, or None
     parts = build_engines(config, loop_config.get("init_from"), model_config, continued=bool(continue_from))
     engine, discriminator, ema = parts.generator, parts.discriminator, parts.ema
-    data = LatentBatches(loop_config["latents"], loop_config["images"], config.global_batch, config.seed)
+    data = LatentBatches(
+        loop_config["latents"],
+        loop_config["images"],
+        config.global_batch,
+        config.seed,
+        max_target_side=config.max_target_side,
+    )
     logger = RankZeroLogger(loop_config, rank)
     hooks = loop_config.get("hooks")
 

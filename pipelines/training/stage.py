@@ -34,6 +34,7 @@ from pipelines.training.continuation import (
 )
 from pipelines.training.loop import require_reachable_master_weights, train_loop
 from pipelines.training.validation import write_validation_latents
+from pipelines.training.warm_start import warm_start_decoder
 
 MANIFEST_VERSION = 1
 RECORD_NAME = "training.json"
@@ -130,7 +131,7 @@ def run_training(
     init_from = absolute(init_from) if init_from else None
     continue_from = absolute(continue_from) if continue_from else None
     require_reachable_master_weights(config)  # bad input fails here, before anything is written
-    record = read_latent_record(latents)
+    record = read_latent_record(latents).limited_to(config.max_target_side)
     decoder_config = model_config(config, record)
     config, continuation = starting_point(config, decoder_config, init_from, continue_from)
     geometry = {key: value for key, value in dataclasses.asdict(record).items() if key != "path"}
@@ -146,13 +147,16 @@ def run_training(
         name = tracking.run_name or os.path.basename(output)
         run_id = mlflow_run(tracking, config, name)
         validation = write_validation_latents(images, record, f"{output}/validation_latents.npz")
+        starting_decoder = init_from
+        if not init_from and not continuation and config.warm_start == "vae":
+            starting_decoder = warm_start_decoder(config, decoder_config, record, output)
         loop_config = {
             "train": config.to_dict(),
             "model": decoder_config.to_dict(),
             "latents": latents,
             "images": images,
             "output": output,
-            "init_from": init_from,
+            "init_from": starting_decoder,
             "continue_from": continuation.checkpoint if continuation else None,
             "tracking_uri": tracking.uri,
             "mlflow_run_id": run_id,
