@@ -35,6 +35,12 @@ class TrainOptions:
         help="a finished training run's --output folder to continue (stage 2: stage 1's): its decoder, "
         "EMA, discriminator and optimizer state",
     )
+    warm_start: str | None = option(
+        None,
+        choices=("vae", "none"),
+        help="how a fresh run's pixel decoder starts: as the latent record's VAE decoder (vae, the presets' "
+        "default) or from random weights (none)",
+    )
     steps: int | None = option(None, help="override the preset's number of steps")
     workers: int | None = option(None, help="override the preset's number of workers")
     checkpoint_every: int | None = option(None, help="override how often a checkpoint is reported (steps)")
@@ -48,7 +54,8 @@ def build_config(options: TrainOptions):
     from pipelines.training.config import PRESETS
 
     # bad values fail here, before Ray starts
-    fields = {"steps": "steps", "workers": "num_workers", "checkpoint_every": "checkpoint_every"}
+    fields = {"steps": "steps", "workers": "num_workers", "checkpoint_every": "checkpoint_every",
+              "warm_start": "warm_start"}  # fmt: skip
     config = dataclasses.replace(PRESETS[options.preset], **overrides(options, fields))
     if options.gan_start_step is not None:
         config = config.with_gan_start(options.gan_start_step)

@@ -138,3 +138,14 @@ def test_a_recorded_embedded_vae_is_loaded_by_the_stages_loader(checkpoint, tmp_
         == "vae"
     )
     assert loaded == [None]
+
+
+def test_train_options_override_the_preset_warm_start_and_refuse_unknown_values():
+    from jobs.options import from_mapping
+    from jobs.train_command import TrainOptions, build_config
+
+    base = {"preset": "stage1-demo", "latents": "l", "images": "i", "output": "o"}
+    assert build_config(from_mapping(TrainOptions, base, "train")).warm_start == "vae"
+    assert build_config(from_mapping(TrainOptions, {**base, "warm-start": "none"}, "train")).warm_start == "none"
+    with pytest.raises(ValueError, match="warm"):
+        build_config(from_mapping(TrainOptions, {**base, "warm-start": "random"}, "train"))

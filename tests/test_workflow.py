@@ -36,7 +36,7 @@ def test_the_full_scale_workflow_loads_with_the_papers_settings():
     run_dir = "/mnt/infgen/workflows/laion-5m-v1"
     assert commands["ingest"][:1] == ["ingest"] and "5000000" in commands["ingest"]
     stage2 = commands["stage2"]
-    assert stage2[stage2.index("--init-from") + 1] == f"{run_dir}/stage1/final_decoder"
+    assert stage2[stage2.index("--continue-from") + 1] == f"{run_dir}/stage1"
     assert stage2[stage2.index("--latents") + 1] == f"{run_dir}/latents-stage2"
     evaluate = commands["evaluate"]
     sizes = evaluate.index("--sizes")
