@@ -146,6 +146,7 @@ def test_train_options_override_the_preset_warm_start_and_refuse_unknown_values(
 
     base = {"preset": "stage1-demo", "latents": "l", "images": "i", "output": "o"}
     assert build_config(from_mapping(TrainOptions, base, "train")).warm_start == "vae"
-    assert build_config(from_mapping(TrainOptions, {**base, "warm-start": "none"}, "train")).warm_start == "none"
+    cold = build_config(from_mapping(TrainOptions, {**base, "warm-start": "none"}, "train"))
+    assert cold.warm_start == "none"
     with pytest.raises(ValueError, match="warm"):
         build_config(from_mapping(TrainOptions, {**base, "warm-start": "random"}, "train"))
