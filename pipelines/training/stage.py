@@ -146,7 +146,10 @@ def run_training(
         claim_output(output, RECORD_NAME, wanted, config.RESOURCE_FIELDS, refused)
         name = tracking.run_name or os.path.basename(output)
         run_id = mlflow_run(tracking, config, name)
-        validation = write_validation_latents(images, record, f"{output}/validation_latents.npz")
+        validation_sizes = [list(size) for size in config.validation_sizes or record.validation_sizes()]
+        validation = write_validation_latents(
+            images, record, f"{output}/validation_latents.npz", sizes=validation_sizes
+        )
         starting_decoder = init_from
         if not init_from and not continuation and config.warm_start == "vae":
             starting_decoder = warm_start_decoder(config, decoder_config, record, output)
@@ -161,7 +164,7 @@ def run_training(
             "tracking_uri": tracking.uri,
             "mlflow_run_id": run_id,
             "validation_latents": validation,
-            "validation_sizes": [list(size) for size in config.validation_sizes or record.validation_sizes()],
+            "validation_sizes": validation_sizes,
             "latent_geometry": geometry,
             "hooks": hooks,
             "threads_per_worker": 1
