@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.common.errors import StageError
-from pipelines.common.files import exists, read_json, write_json
+from pipelines.common.files import code_version, exists, read_json, write_json
 from pipelines.common.tracking import StageTracking, flatten, log_stage_run
 
 MANIFEST_NAME = "manifest.json"
@@ -48,6 +49,17 @@ def claim_output(output: str, record_name: str, wanted: dict, resource_fields: t
     if _comparable(recorded, resource_fields) != _comparable(wanted, resource_fields):
         raise ValueError(f"{output} holds {what}; use a new output folder")
     return recorded
+
+
+def manifest_header(version: int, status: str = "complete", problems: list[str] | None = None) -> dict:
+    """What every stage's manifest starts with: its format version, status (and problems), when and by
+    which code it was made."""
+    header = {"manifest_version": version, "status": status}
+    if problems is not None:
+        header["problems"] = problems
+    header["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    header["code_version"] = code_version()
+    return header
 
 
 def finish_stage(stage: str, output: str, manifest: dict, tracking: StageTracking | None,

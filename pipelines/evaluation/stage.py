@@ -22,11 +22,11 @@ import numpy as np
 import ray
 
 from pipelines.common.actor_pool import map_with_actor_pool
-from pipelines.common.files import absolute, code_version, file_sha256
+from pipelines.common.files import absolute, file_sha256
 from pipelines.common.holdout import held_out_images
 from pipelines.common.latent_record import read_latent_record
 from pipelines.common.run_lock import RunLock
-from pipelines.common.stage_output import claim_output, finish_stage
+from pipelines.common.stage_output import claim_output, finish_stage, manifest_header
 from pipelines.common.tracking import StageTracking
 from pipelines.evaluation.chunks import (
     HELD_OUT,
@@ -279,11 +279,7 @@ def _aggregate(out: str, chunks: list[Chunk], config: EvalConfig, inputs: dict, 
     writer.writerows(rows)
     filesystem.pipe_file(f"{root}/plugin_gains.csv", text.getvalue().encode())
     return {
-        "manifest_version": MANIFEST_VERSION,
-        "status": "complete" if not problems else "invalid",
-        "problems": problems,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "code_version": code_version(),
+        **manifest_header(MANIFEST_VERSION, "complete" if not problems else "invalid", problems),
         "config": config.to_dict(),
         "inputs": {k: v for k, v in inputs.items() if k != "held_out"},
         "held_out_images": len(inputs["held_out"]),

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines.common.errors import StageError
-from pipelines.common.files import absolute, code_version, file_sha256, read_json, resolve_inputs, write_json
+from pipelines.common.files import absolute, file_sha256, read_json, resolve_inputs, write_json
 from pipelines.common.run_lock import RunLock
-from pipelines.common.stage_output import finish_stage
+from pipelines.common.stage_output import finish_stage, manifest_header
 from pipelines.common.tracking import StageTracking
 from pipelines.ingest import selection as select
 from pipelines.ingest.accounting import build_counts, check_counts
@@ -319,10 +319,7 @@ def build_manifest(
         len(outcomes.kept_keys),
     )
     manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "status": "complete",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "code_version": code_version(),
+        **manifest_header(MANIFEST_VERSION),
         "inputs": inputs,
         "source": source,
         "config": config.to_dict(),

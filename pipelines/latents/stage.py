@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 
 from pipelines.common.actor_pool import map_with_actor_pool
 from pipelines.common.crops import target_sizes
-from pipelines.common.files import absolute, code_version, resolve_inputs, write_json
+from pipelines.common.files import absolute, resolve_inputs, write_json
 from pipelines.common.latent_record import RECORD_NAME, geometry, record_path
 from pipelines.common.latent_shards import latent_shape, read_latents
 from pipelines.common.run_lock import RunLock
-from pipelines.common.stage_output import claim_output, finish_stage
+from pipelines.common.stage_output import claim_output, finish_stage, manifest_header
 from pipelines.common.tracking import StageTracking
 from pipelines.latents.config import LatentConfig
 from pipelines.latents.encode import ShardEncoder
@@ -122,11 +122,7 @@ def _manifest(filesystem, root: str, inputs: list[dict], config: LatentConfig, e
     if counts["samples"] != counts["images_used"] * config.samples_per_image:
         problems.append(f"{counts['samples']} samples, expected {config.samples_per_image} per used image")
     return {
-        "manifest_version": MANIFEST_VERSION,
-        "status": "complete" if not problems else "unbalanced",
-        "problems": problems,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "code_version": code_version(),
+        **manifest_header(MANIFEST_VERSION, "complete" if not problems else "unbalanced", problems),
         "config": config.to_dict(),
         "vae": encoded_by[0],
         "latent_shape": list(encoded_by[1]),

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from PIL import Image
 
 from infgen.substitutes.photographs import HELD_OUT, load_photograph, photograph_path
-from pipelines.common.files import absolute, code_version, file_sha256
+from pipelines.common.files import absolute, file_sha256
 from pipelines.common.run_lock import RunLock
-from pipelines.common.stage_output import claim_output, finish_stage
+from pipelines.common.stage_output import claim_output, finish_stage, manifest_header
 from pipelines.common.tracking import StageTracking
 
 MANIFEST_VERSION = 1
@@ -64,10 +64,7 @@ def run_photos(output: str, tracking: StageTracking | None = None,
             progress(f"photos: {photograph_file(photo.name)} ({array.shape[1]}x{array.shape[0]}, from "
                      f"{photo.package})")  # fmt: skip
         manifest = {
-            "manifest_version": MANIFEST_VERSION,
-            "status": "complete",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "code_version": code_version(),
+            **manifest_header(MANIFEST_VERSION),
             "config": config,
             "inputs": inputs,
             "photographs": written,

@@ -18,11 +18,11 @@ import os
 import time
 from pathlib import Path
 
-from pipelines.common.files import absolute, code_version, file_sha256
+from pipelines.common.files import absolute, file_sha256
 from pipelines.common.latent_record import LatentRecord, read_latent_record
 from pipelines.common.run_lock import RunLock
 from pipelines.common.signals import sigint_handler_kept
-from pipelines.common.stage_output import claim_output, finish_stage
+from pipelines.common.stage_output import claim_output, finish_stage, manifest_header
 from pipelines.common.tracking import StageTracking, experiment_id, find_or_create_run, flatten
 from pipelines.training.config import TrainConfig
 from pipelines.training.continuation import (
@@ -191,10 +191,7 @@ def run_training(
         decoder = str(Path(output) / DECODER_DIR)
         weights = f"{DECODER_DIR}/model.safetensors"
         manifest = {
-            "manifest_version": MANIFEST_VERSION,
-            "status": "complete",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "code_version": code_version(),
+            **manifest_header(MANIFEST_VERSION),
             "config": config.to_dict(),
             "model": decoder_config.to_dict(),
             "inputs": inputs,
