@@ -442,12 +442,11 @@ class InfGen(nn.Module):
         top, left, height, width = window
         if top < 0 or left < 0 or height < 1 or width < 1 or top + height > size[0] or left + width > size[1]:
             raise ValueError(f"window {window} (top, left, height, width) is not inside the {size} image")
-        rows, cols = query_grid_size(size)
-        halo, f = self.pixel_decoder.receptive_radius_cells(), UPSAMPLE_FACTOR
-        row0, col0 = max(top // f - halo, 0), max(left // f - halo, 0)
-        row1 = min(math.ceil((top + height) / f) + halo, rows)
-        col1 = min(math.ceil((left + width) / f) + halo, cols)
-        grid = self.token_grid(latents, size, query_chunk, (row0, row1, col0, col1))
+        f = UPSAMPLE_FACTOR
+        under = (top // f, math.ceil((top + height) / f), left // f, math.ceil((left + width) / f))
+        cells = self.pixel_decoder.with_halo(under, query_grid_size(size))
+        row0, _, col0, _ = cells
+        grid = self.token_grid(latents, size, query_chunk, cells)
         image = self.pixel_decoder(grid)
         top, left = top - row0 * f, left - col0 * f
         return image[:, :, top : top + height, left : left + width]

@@ -175,6 +175,16 @@ class PixelDecoder(nn.Module):
                 reach += (module.kernel_size[0] // 2) / scale
         return math.ceil(reach)
 
+    def with_halo(
+        self, cells: tuple[int, int, int, int], grid_size: tuple[int, int]
+    ) -> tuple[int, int, int, int]:
+        """Token cells (row0, row1, col0, col1) grown by the receptive radius, clipped to the grid (not
+        padded: at the true image border the convs pad as in a one-pass decode)."""
+        halo = self.receptive_radius_cells()
+        row0, row1, col0, col1 = cells
+        return (max(row0 - halo, 0), min(row1 + halo, grid_size[0]),
+                max(col0 - halo, 0), min(col1 + halo, grid_size[1]))  # fmt: skip
+
     def decode_tiled(self, grid: torch.Tensor, out_size: tuple[int, int], tile_cells: int) -> torch.Tensor:
         """Decode tile by tile and write straight into an (B, 3, h, w) canvas; equals forward() then crop.
 
@@ -183,14 +193,14 @@ class PixelDecoder(nn.Module):
         """
         batch, _, grid_rows, grid_cols = grid.shape
         height, width = out_size
-        halo = self.receptive_radius_cells()
         f = UPSAMPLE_FACTOR
         canvas = grid.new_empty(batch, self.config.out_channels, height, width)
         for row0 in range(0, grid_rows, tile_cells):
             for col0 in range(0, grid_cols, tile_cells):
                 row1, col1 = min(row0 + tile_cells, grid_rows), min(col0 + tile_cells, grid_cols)
-                ext_row0, ext_col0 = max(row0 - halo, 0), max(col0 - halo, 0)
-                ext_row1, ext_col1 = min(row1 + halo, grid_rows), min(col1 + halo, grid_cols)
+                ext_row0, ext_row1, ext_col0, ext_col1 = self.with_halo(
+                    (row0, row1, col0, col1), (grid_rows, grid_cols)
+                )
                 tile = self(grid[:, :, ext_row0:ext_row1, ext_col0:ext_col1])
                 # pixels of the core tile, clipped to the requested (possibly non-multiple-of-8) size
                 top, left = row0 * f, col0 * f

@@ -75,4 +75,4 @@ def load_photograph(photograph: Photograph) -> np.ndarray:
     from PIL import Image
 
     with Image.open(photograph_path(photograph)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from infgen._extras import import_extra
+from infgen.images import from_uint8
 from infgen.substitutes import photographs
 from infgen.substitutes.synthetic import make_image
 
@@ -129,7 +130,9 @@ def train(steps: int):
 
     rng = np.random.default_rng(SEED)
     synthetic = [
-        to_tensor(make_image(index, *(int(s) for s in rng.integers(*SYNTHETIC_SIDE_RANGE, 2, endpoint=True))))
+        from_uint8(
+            make_image(index, *(int(s) for s in rng.integers(*SYNTHETIC_SIDE_RANGE, 2, endpoint=True)))
+        )
         for index in range(SYNTHETIC_IMAGES)
     ]
     photos = [scaled for p in photographs.TRAINING for scaled in pyramid(photographs.load_photograph(p))]
@@ -168,7 +171,7 @@ def train(steps: int):
 
 def pyramid(image: np.ndarray) -> list[torch.Tensor]:
     """The photograph at PHOTO_SCALES (antialiased), those at least a crop wide."""
-    tensor = to_tensor(image)[None]
+    tensor = from_uint8(image)[None]
     scaled = []
     for scale in PHOTO_SCALES:
         height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
@@ -197,7 +200,7 @@ def learning_rate_factor(step: int, total_steps: int) -> float:
 
 def holdout_synthetic() -> torch.Tensor:
     seeds = range(HOLDOUT_SEED_OFFSET, HOLDOUT_SEED_OFFSET + HOLDOUT_SYNTHETIC)
-    return torch.stack([to_tensor(make_image(seed, HOLDOUT_SIDE, HOLDOUT_SIDE)) for seed in seeds])
+    return torch.stack([from_uint8(make_image(seed, HOLDOUT_SIDE, HOLDOUT_SIDE)) for seed in seeds])
 
 
 def holdout_photographs(side: int = HOLDOUT_SIDE) -> torch.Tensor:
@@ -207,7 +210,7 @@ def holdout_photographs(side: int = HOLDOUT_SIDE) -> torch.Tensor:
         image = photographs.load_photograph(photograph)
         short = min(image.shape[:2])
         top, left = (image.shape[0] - short) // 2, (image.shape[1] - short) // 2
-        square = to_tensor(image[top : top + short, left : left + short])[None]
+        square = from_uint8(image[top : top + short, left : left + short])[None]
         squares.append(
             F.interpolate(square, size=(side, side), mode="bicubic", antialias=True)[0].clamp(-1, 1)
         )
@@ -228,11 +231,6 @@ def reconstruction_psnr(autoencoder, images: torch.Tensor) -> float:
     truth = ((images + 1) * 127.5).round()
     mse = (quantised - truth).square().mean(dim=(1, 2, 3))
     return float((10.0 * torch.log10(255.0**2 / mse.clamp_min(1e-12))).mean())
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 → (3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def save(autoencoder, folder: Path, report: dict) -> None:
