@@ -25,7 +25,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml infra/constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c infra/constraints.txt -e '.[pipeline,dev]'
+	$(VENV)/bin/pip install --quiet -c infra/constraints.txt -e '.[pipeline,dev,s3,gcs]'
 	touch $@
 
 demo: $(STAMP)
