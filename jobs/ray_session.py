@@ -6,9 +6,10 @@ import logging
 import os
 import sys
 
-# Inherited by the Ray workers this driver starts: no phoning home from inside a job (albumentations checks
-# for updates on import; that is a network call, and it hangs where there is no network).
-OFFLINE_ENVIRONMENT = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+from jobs.stage_environment import FIXED_ENVIRONMENT, stage_environment
+
+# Inherited by the Ray workers this driver starts: no phoning home from a job (jobs/stage_environment.py).
+OFFLINE_ENVIRONMENT = FIXED_ENVIRONMENT
 
 
 def connect_ray(address: str | None = None) -> None:
@@ -30,17 +31,28 @@ def connect_ray(address: str | None = None) -> None:
     local = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address is None else {}
     context = ray.init(
         address=address,
-        # Inside a Ray job the job's runtime_env already carries these, and Ray refuses to merge a second one.
-        runtime_env={"env_vars": OFFLINE_ENVIRONMENT} if address and not inside_ray_job else None,
+        # A cluster's workers do not inherit this process's environment: they get the stage's (credentials for
+        # object stores and MLflow included). Inside a Ray job the job's runtime_env already carries it (the
+        # submitter's), and Ray refuses to merge a second one. An embedded cluster's workers inherit ours.
+        runtime_env={"env_vars": stage_environment()} if address and not inside_ray_job else None,
         **local,
     )
-    # Ray Data logs every dataset's plan at INFO, and without a terminal its progress bars become a block of
-    # log lines every few seconds (hundreds per stage in a job log); the stages print their own one-line
-    # progress instead. On a terminal the bars stay.
+    # Ray Data logs every dataset's plan at INFO: kept out. On a terminal its progress bars stay. Without one
+    # (a Ray job's log) Ray 2.60 logs progress instead of drawing bars (ray.data._internal.progress.
+    # logging_progress), as a block of lines per operator every RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL s:
+    # only its total line is kept, once per interval (30 s unless set), beside the stages' own lines.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    terminal = sys.stdout.isatty()
+    if not terminal:
+        os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "30")  # read when Ray Data logs
+        progress_log = logging.getLogger("ray.data._internal.progress.logging_progress")
+        progress_log.setLevel(logging.INFO)
+        progress_log.addFilter(lambda record: record.getMessage().startswith("Total Progress"))
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = True
+    data_context.enable_operator_progress_bars = terminal
     where = address or "an embedded local cluster"
     shown = address is None and context.dashboard_url
     dashboard = f", dashboard http://{context.dashboard_url}" if shown else ""

@@ -42,6 +42,19 @@ def resolve_inputs(paths: list[str], what: str = "input") -> list[str]:
     return files
 
 
+def fresh_filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`fsspec.core.url_to_fs(path)`, with the listings this process remembers dropped.
+
+    Object-store filesystems (s3fs, gcsfs) are shared per process and cache directory listings: a listing
+    made before Ray workers wrote there would hide their files from this process (a glob finds nothing, an
+    open raises FileNotFoundError). Call it before reading what other processes wrote. The whole cache goes:
+    `invalidate_cache(path)` drops only `path` and its parents, and a folder below it may be the stale one.
+    """
+    filesystem, local = fsspec.core.url_to_fs(path)
+    filesystem.invalidate_cache()
+    return filesystem, local
+
+
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with fsspec.open(path, "rb") as handle:

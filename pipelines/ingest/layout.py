@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import fsspec
 
+from pipelines.common.files import fresh_filesystem
+
 
 @dataclass(frozen=True)
 class IngestLayout:
@@ -51,7 +53,8 @@ class IngestLayout:
         return self.path("_LOCK")
 
     def filesystem(self) -> fsspec.AbstractFileSystem:
-        return fsspec.core.url_to_fs(self.root)[0]
+        """The output's filesystem, its cached listings dropped: Ray workers write here (object stores)."""
+        return fresh_filesystem(self.root)[0]
 
     def make_directories(self) -> None:
         filesystem = self.filesystem()

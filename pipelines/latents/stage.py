@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 
 from pipelines.common.actor_pool import map_with_actor_pool
 from pipelines.common.crops import target_sizes
-from pipelines.common.files import absolute, resolve_inputs, write_json
+from pipelines.common.files import absolute, fresh_filesystem, resolve_inputs, write_json
 from pipelines.common.latent_record import RECORD_NAME, geometry, record_path
 from pipelines.common.latent_shards import latent_shape, read_latents
 from pipelines.common.run_lock import RunLock
 from pipelines.common.stage_output import claim_output, finish_stage, manifest_header
-from pipelines.common.tracking import StageTracking
+from pipelines.common.tracking import StageTracking, report_progress
 from pipelines.latents.config import LatentConfig
 from pipelines.latents.encode import ShardEncoder
 
@@ -63,13 +63,15 @@ def run_latents(
             rows = map_with_actor_pool([{"path": p} for p in todo], ShardEncoder, config.encoders,
                                        {"config": config, "output_dir": output},
                                        memory_gib=config.encoder_memory_gib)  # fmt: skip
-            for row in rows:
+            for encoded, row in enumerate(rows, start=1):
                 stats = json.loads(row["stats"])
+                report_progress({"shards_encoded": len(done) + encoded, "shards": len(shards)})
                 progress(
                     f"latents: {stats['shard']}: {stats['samples']} samples from {stats['images_used']} of "
                     f"{stats['images']} images in {stats['finished'] - stats['started']:.0f}s on "
                     f"{stats['worker']} ({time.perf_counter() - started:.0f}s)"
                 )
+        filesystem, root = fresh_filesystem(output)  # the actors wrote the shards: forget older listings
         encoded_by = _encoded_by(filesystem, root, inputs)
         manifest = _manifest(filesystem, root, inputs, config, encoded_by, time.perf_counter() - started)
         if manifest["status"] == "complete":
@@ -137,7 +139,7 @@ def latent_digest(output: str) -> str:
     """sha256 over every shard's latents and sample columns, in shard order: equal digests = equal latents."""
     import hashlib
 
-    filesystem, root = fsspec.core.url_to_fs(output)
+    filesystem, root = fresh_filesystem(output)
     digest = hashlib.sha256()
     for path in sorted(filesystem.glob(f"{root}/*.parquet")):
         with filesystem.open(path, "rb") as handle:
