@@ -58,7 +58,12 @@ PASS_THROUGH = (
     "TORCH_HOME",
     "INFGEN_INCEPTION_WEIGHTS",
     "INFGEN_LPIPS_TRUNK",
+    # How often a running stage reports its progress to MLflow (pipelines/common/tracking.py).
+    "INFGEN_PROGRESS_INTERVAL_S",
 )
+
+# Set by the project where it submits a job, never taken from the submitter's environment.
+SET_BY_SUBMISSION = ("INFGEN_WORKFLOW_TEXT",)  # a detached workflow's file (jobs/workflow/detached.py)
 
 SECRETS = frozenset(
     {
