@@ -5,7 +5,12 @@
     infgen latents --images OUT/images --output LATENTS [--preset stage1|stage2|embedded] [--vae DIR]
     infgen train --preset stage1|stage2|stage1-small|stage2-small --latents L --images I --output RUN
     infgen evaluate --decoder D --images I --latents L --output EVAL [--latent-file NAME=PATH ...]
-    infgen run WORKFLOW.yaml [--from STAGE] [--until STAGE] [--address http://HEAD:8265]
+    infgen run WORKFLOW.yaml [--from STAGE] [--until STAGE] [--address http://HEAD:8265 [--detach]]
+    infgen status RUN_DIR [--address URL]      infgen logs RUN_DIR [STAGE] [--follow]      infgen stop RUN_DIR
+
+Addresses: `--address` of run/status/logs/stop is the cluster's dashboard, http://HEAD:8265 (a GCS address,
+HEAD:6379, is mapped to it); default RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, which inside a Ray job is set
+to its own cluster. A stage command's `--ray-address` is what `ray.init` takes (HEAD:6379, ray://, auto).
 
 Each subcommand's options come from its typed options in jobs/registry.py; heavy dependencies are imported
 only when a command runs, so `infgen --help` is instant.
@@ -14,11 +19,16 @@ only when a command runs, so `infgen --help` is instant.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
+from jobs import logs_command, status_command, stop_command
 from jobs.context import RunContext
 from jobs.options import add_arguments, from_namespace
-from jobs.registry import COMMANDS
+from jobs.registry import COMMANDS, run_command
+
+MONITORS = {"status": status_command, "logs": logs_command, "stop": stop_command}
 
 # The packages of the `pipeline` extra (pyproject.toml), by import name.
 PIPELINE_PACKAGES = {"ray", "deepspeed", "img2dataset", "pyarrow", "fsspec", "lpips", "mlflow", "cleanfid",
@@ -38,8 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="first", metavar="STAGE", help="start at this stage")
     run.add_argument("--until", dest="last", metavar="STAGE", help="stop after this stage")
     run.add_argument(
-        "--address", help="submit each stage as a Ray job to this cluster (http://HEAD:8265; or RAY_ADDRESS)"
+        "--address",
+        help="submit each stage as a Ray job to this cluster's dashboard (http://HEAD:8265, or HEAD:6379); "
+        "default RAY_API_SERVER_ADDRESS, then RAY_ADDRESS (inside a Ray job: its own cluster)",
     )
+    run.add_argument(
+        "--detach", action="store_true", help="submit the workflow itself as a Ray job to --address; return"
+    )
+    run.add_argument("--run-dir", help="write the run here instead of the file's run_dir")
+    for monitor in MONITORS.values():
+        monitor.add_parser(subcommands)
     return parser
 
 
@@ -47,13 +65,30 @@ def run_arguments(argv: list[str]):
     """Parse and run one command line; errors propagate (ValueError for bad input, StageError...)."""
     args = build_parser().parse_args(argv)
     if args.command == "run":
-        from jobs.workflow import run_workflow
-
-        return run_workflow(args.workflow, first=args.first, last=args.last, address=args.address)
+        return run_workflow_command(args)
+    if args.command in MONITORS:
+        return MONITORS[args.command].run(args)
     command = COMMANDS[args.command]
     options = from_namespace(command.options, args)  # checks the options together (ValueError)
     context = from_namespace(RunContext, args) if command.stage else None
-    return command.run(options, context)
+    return run_command(command, options, context)
+
+
+def run_workflow_command(args):
+    from jobs.workflow import run_workflow
+    from jobs.workflow.detached import WORKFLOW_TEXT_VARIABLE, submit_workflow
+
+    if args.detach:
+        if not args.address:
+            raise ValueError("--detach submits the workflow to a cluster: give --address http://HEAD:8265")
+        return submit_workflow(args.workflow, args.address, args.first, args.last, args.run_dir)
+    # A detached orchestrator gets the workflow file's text with its job (the file may not be uploaded).
+    return run_workflow(args.workflow, first=args.first, last=args.last, address=args.address,
+                        run_dir=args.run_dir, text=os.environ.get(WORKFLOW_TEXT_VARIABLE))  # fmt: skip
+
+
+def _interrupt(signal_number, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signal_number).name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Progress lines must show up live even when piped to `tee` or collected by `ray job logs`.
     sys.stdout.reconfigure(line_buffering=True)
+    # `ray job stop` ends a job's driver with SIGTERM: unwind as on Ctrl-C, so a stage's MLflow run ends
+    # KILLED, its record says stopped and a workflow stops the stage job it waits for.
+    signal.signal(signal.SIGTERM, _interrupt)
     name = argv[0] if argv else "infgen"
     try:
         run_arguments(argv)
@@ -79,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StageError as error:
         print(f"infgen {name}: stopped: {error}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        from jobs.ray_jobs import JobFailed
+
+        if not isinstance(error, JobFailed):
+            raise
+        print(f"infgen {name}: stopped: {error}", file=sys.stderr)  # a stage's Ray job: its log tail says why
         return 1
     return 0
 

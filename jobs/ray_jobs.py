@@ -12,12 +12,18 @@ running unwatched. `submit_command` does the same for any shell command.
 
 Addresses: the Job SDK talks to the cluster's dashboard over HTTP, `http://HEAD:8265` by default (the
 `--dashboard-port` of `ray start --head`). `HOST:PORT` without a scheme means `http://HOST:PORT`. A GCS
-address (`HOST:6379`, what `ray.init` and this project's `--ray-address` take) or a Ray Client address
-(`ray://HEAD:10001`) is refused with a message that says which address to use instead: Ray's own SDK would
-resolve those by starting a GCS client or a Ray Client connection in this process (and, for a GCS address,
-repointing this process's internal KV at that cluster), which is not what submitting a job should do.
+address (`HEAD:6379`: what `ray.init`, this project's `--ray-address` and, inside a Ray job, RAY_ADDRESS hold)
+is accepted too: when the port answers but not in HTTP/1.1, the cluster's GCS is asked where its dashboard
+is (the address the head registered, reachable from inside the cluster; from outside it only where the head
+advertises a reachable address). The question goes through a GCS client object of its own, not `ray.init`
+nor Ray's SDK, which would also repoint this process's internal KV at that cluster. `auto` means the cluster
+this machine belongs to (what `ray start` recorded, or RAY_ADDRESS inside a job). A Ray Client address
+(`ray://HEAD:10001`) is refused with a message naming the dashboard address to use instead.
 `--address` wins over `RAY_API_SERVER_ADDRESS`, which wins over `RAY_ADDRESS` (`dashboard_address`); Ray's
 `JobSubmissionClient` itself lets those variables override an explicit address, which we do not.
+
+`follow_job` attaches to a job already submitted (a workflow rerun finds one still running), `job_status`
+and `stop_job` ask about and stop one by its submission id.
 """
 
 from __future__ import annotations
@@ -68,6 +74,10 @@ JOB_ENVIRONMENT = {**OFFLINE_ENVIRONMENT, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
 _RAY_LOG_TAIL_MARKER = ", last available logs (truncated to"
 
 
+class NotHttp(ValueError):
+    """The address answers, but not in HTTP/1.1: a GCS (or Ray Client) port rather than the dashboard."""
+
+
 class JobFailed(RuntimeError):
     """A Ray job that ended FAILED or STOPPED: its status, Ray's message and the last lines of its log."""
 
@@ -115,7 +125,7 @@ def _normalise(address: str) -> str:
             f"{address} is a Ray Client address; jobs are submitted to the cluster's dashboard over HTTP: "
             f"use http://{host}:{DEFAULT_DASHBOARD_PORT} (the head's --dashboard-port)"
         )
-    if address in ("auto", "local"):
+    if address == "local":
         raise ValueError(
             f"address {address!r} is not a dashboard address: pass http://HEAD:{DEFAULT_DASHBOARD_PORT}"
         )
@@ -143,7 +153,7 @@ def _check_dashboard(url: str, timeout: float) -> None:
     except requests.RequestException as error:
         reason = str(error)
         if "BadStatusLine" in reason or "RemoteDisconnected" in reason:  # answers, but not in HTTP/1.1
-            raise ValueError(
+            raise NotHttp(
                 f"{url} is not a Ray dashboard: it does not answer HTTP (a GCS or Ray Client port, such as "
                 f"6379 or 10001?); jobs go to the head's dashboard, http://HEAD:{DEFAULT_DASHBOARD_PORT} by "
                 "default"
@@ -170,6 +180,66 @@ def _check_dashboard(url: str, timeout: float) -> None:
         raise ValueError(f"{url} does not look like a Ray dashboard (ray_version: {ray_version!r})")
 
 
+def dashboard_from_gcs(gcs_address: str, timeout: float = 10.0) -> str:
+    """The dashboard URL that the cluster whose GCS is at `gcs_address` (HOST:PORT, or "auto") registered.
+
+    ValueError, naming the address, when nothing there says where the dashboard is.
+    """
+    from ray._private import ray_constants
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray._raylet import GcsClient
+    from ray.exceptions import RpcError
+
+    resolved = canonicalize_bootstrap_address(gcs_address) if gcs_address == "auto" else gcs_address
+    if not resolved:
+        raise ValueError(
+            "address 'auto': no Ray cluster runs on this machine (no RAY_ADDRESS, nothing `ray start` "
+            f"recorded); pass the dashboard's address, http://HEAD:{DEFAULT_DASHBOARD_PORT}"
+        )
+    try:
+        value = GcsClient(address=resolved).internal_kv_get(
+            ray_constants.DASHBOARD_ADDRESS.encode(), namespace=ray_constants.KV_NAMESPACE_DASHBOARD,
+            timeout=timeout,
+        )  # fmt: skip
+    except RpcError as error:
+        raise ValueError(
+            f"{resolved} is neither a Ray dashboard nor a GCS that knows its dashboard ({error}); jobs go to "
+            f"the head's dashboard, http://HEAD:{DEFAULT_DASHBOARD_PORT} by default"
+        ) from None
+    if not value:
+        raise ValueError(f"the Ray cluster at {resolved} has no dashboard registered (started without one?)")
+    return f"http://{value.decode()}"
+
+
+def dashboard_url(address: str | None = None, *, timeout: float = 10.0) -> str:
+    """The dashboard's base URL for `address` (see `dashboard_address`): a dashboard as given, a GCS address
+    or "auto" mapped through the cluster's GCS; checked to answer as a Ray dashboard."""
+    resolved = dashboard_address(address)
+    if resolved is None:
+        raise ValueError(
+            "no Ray cluster to submit to: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS"
+        )
+    if resolved == "auto":
+        url = dashboard_from_gcs("auto", timeout)
+        _check_dashboard(url, timeout)
+        return url
+    url = _normalise(resolved)
+    try:
+        _check_dashboard(url, timeout)
+    except NotHttp:
+        try:
+            mapped = dashboard_from_gcs(url.split("://", 1)[1], timeout)
+        except ValueError:
+            raise NotHttp(
+                f"{url} is not a Ray dashboard: it does not answer HTTP, nor as a GCS that knows its "
+                f"dashboard (a Ray Client port such as 10001?); jobs go to the head's dashboard, "
+                f"http://HEAD:{DEFAULT_DASHBOARD_PORT} by default"
+            ) from None
+        _check_dashboard(mapped, timeout)
+        return mapped
+    return url
+
+
 @contextlib.contextmanager
 def _without_address_variables():
     """JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given."""
@@ -184,13 +254,7 @@ def connect(address: str | None = None, *, timeout: float = 10.0):
     """A JobSubmissionClient for the dashboard at `address` (see `dashboard_address`), checked first."""
     from ray.job_submission import JobSubmissionClient
 
-    resolved = dashboard_address(address)
-    if resolved is None:
-        raise ValueError(
-            "no Ray cluster to submit to: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS"
-        )
-    url = _normalise(resolved)
-    _check_dashboard(url, timeout)
+    url = dashboard_url(address, timeout=timeout)
     with _without_address_variables():
         return JobSubmissionClient(url)
 
@@ -236,7 +300,7 @@ async def _stream_until_done(
     client, submission_id: str, output: TextIO, poll_interval: float, written
 ) -> bool:
     """Copy the log as the dashboard pushes it (websocket) until the job's status is terminal; True when
-    Ctrl-C (SIGINT) interrupted the wait.
+    Ctrl-C (SIGINT) or SIGTERM interrupted the wait.
 
     Ray's own tail closes the websocket 2-3 s after the job ends (it sleeps 1 s at each end of file and
     checks the status in between); polling the status stops waiting within `poll_interval` instead. Ctrl-C
@@ -251,8 +315,12 @@ async def _stream_until_done(
         interrupted.append(True)
         waiting.cancel()
 
+    # SIGTERM too: `ray job stop` stops a job's driver with it, and a workflow running as a Ray job must stop
+    # the stage job it waits for rather than leave it running unwatched.
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        loop.add_signal_handler(signal.SIGINT, interrupt)
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, interrupt)
         handling_sigint = True
     except (ValueError, RuntimeError, NotImplementedError):  # not the main thread: KeyboardInterrupt as usual
         handling_sigint = False
@@ -274,6 +342,8 @@ async def _stream_until_done(
     finally:
         if handling_sigint:
             loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)  # which leaves SIG_DFL: put the caller's back
+            signal.signal(signal.SIGTERM, previous_sigterm)
         stream.cancel()
         await asyncio.gather(stream, return_exceptions=True)
 
@@ -353,6 +423,7 @@ def submit_command(
     connect_timeout: float = 10.0,
     poll_interval: float = 1.0,
     agent_wait_s: float = 60.0,
+    follow: bool = True,
 ) -> dict:
     """Run the shell command `entrypoint` as a Ray job on the cluster at `address` and wait for it.
 
@@ -363,7 +434,8 @@ def submit_command(
     "driver_exit_code", "start_time", "end_time"} (times in ms since the epoch, as Ray gives them). Raises
     JobFailed on FAILED/STOPPED, ConnectionError when `address` does not answer within `connect_timeout`,
     ValueError when it is not a dashboard address. A cluster that has just started gets `agent_wait_s`
-    for its job agent to come up.
+    for its job agent to come up. `follow=False` returns once the job is submitted ({"submission_id",
+    "status": "SUBMITTED", "address", "entrypoint"}), leaving it to run.
     """
     output = sys.stdout if output is None else output
     runtime_env = _runtime_env(working_dir, dict(env_vars or {}), excludes)
@@ -386,16 +458,45 @@ def submit_command(
             f"  follow: ray job logs --address {url} --follow {submission_id}\n"
             f"  stop:   ray job stop --address {url} {submission_id}\n",
         )
-        try:
-            info, log = _follow(client, submission_id, output, poll_interval)
-        except Exception as error:  # the dashboard went away or failed a request: the job may still run
-            raise RuntimeError(
-                f"lost track of ray job {submission_id} on {url} ({type(error).__name__}: {error}); it may "
-                f"still be running: ray job status --address {url} {submission_id}"
-            ) from error
+        if not follow:
+            return {"submission_id": submission_id, "status": "SUBMITTED", "address": url,
+                    "entrypoint": entrypoint}  # fmt: skip
+        return _await(client, submission_id, output, log_tail_lines, poll_interval)
     except KeyboardInterrupt:
         _stop(client, submission_id, url, output)
         raise
+
+
+def follow_job(
+    address: str | None,
+    submission_id: str,
+    *,
+    output: TextIO | None = None,
+    log_tail_lines: int = 50,
+    connect_timeout: float = 10.0,
+    poll_interval: float = 1.0,
+) -> dict:
+    """Attach to the job `submission_id` that is already on the cluster: copy its log (from the start) and
+    wait for its end, as `submit_command` does for a job it submitted (result, JobFailed, Ctrl-C stops it)."""
+    output = sys.stdout if output is None else output
+    client = connect(address, timeout=connect_timeout)
+    _write(output, f"ray job: following {submission_id} on {client.get_address()}\n")
+    try:
+        return _await(client, submission_id, output, log_tail_lines, poll_interval)
+    except KeyboardInterrupt:
+        _stop(client, submission_id, client.get_address(), output)
+        raise
+
+
+def _await(client, submission_id: str, output: TextIO, log_tail_lines: int, poll_interval: float) -> dict:
+    url = client.get_address()
+    try:
+        info, log = _follow(client, submission_id, output, poll_interval)
+    except Exception as error:  # the dashboard went away or failed a request: the job may still run
+        raise RuntimeError(
+            f"lost track of ray job {submission_id} on {url} ({type(error).__name__}: {error}); it may "
+            f"still be running: ray job status --address {url} {submission_id}"
+        ) from error
     status = str(info.status)
     message = (info.message or "").split(_RAY_LOG_TAIL_MARKER)[0].strip()
     if status != "SUCCEEDED":
@@ -417,11 +518,22 @@ def submit_command(
         "status": status,
         "message": message,
         "address": url,
-        "entrypoint": entrypoint,
+        "entrypoint": info.entrypoint,
         "driver_exit_code": info.driver_exit_code,
         "start_time": info.start_time,
         "end_time": info.end_time,
     }
+
+
+def job_status(client, submission_id: str) -> str | None:
+    """The job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), None when the cluster has no such
+    job (never submitted, or the cluster was restarted since)."""
+    try:
+        return str(client.get_job_status(submission_id))
+    except RuntimeError as error:  # the SDK's "Request failed with status code 404: Job ... does not exist"
+        if "404" in str(error) or "does not exist" in str(error):
+            return None
+        raise
 
 
 def stage_entrypoint(arguments: list[str], python: str = "python") -> str:

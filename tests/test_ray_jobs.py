@@ -308,12 +308,10 @@ def test_address_that_is_not_a_dashboard_is_refused_naming_it(tmp_path):
         ray_jobs.connect("ray://head:10001")
 
 
-def test_gcs_address_is_refused_with_a_hint(cluster):
-    # What `ray.init` and this project's --ray-address take; the Job SDK needs the dashboard instead.
-    with pytest.raises(
-        ValueError, match=rf"http://{cluster['gcs']} is not a Ray dashboard.*http://HEAD:8265"
-    ):
-        ray_jobs.connect(cluster["gcs"], timeout=5)
+def test_a_gcs_address_is_mapped_to_its_dashboard(cluster):
+    # What `ray.init`, --ray-address and, inside a Ray job, RAY_ADDRESS hold: the cluster's GCS says where
+    # its dashboard is.
+    assert ray_jobs.connect(cluster["gcs"], timeout=5).get_address() == cluster["dashboard"]
 
 
 def test_dashboard_address_prefers_the_argument_then_the_api_server_variable(monkeypatch):
@@ -353,3 +351,91 @@ def test_a_workflow_stage_runs_as_a_ray_job_and_is_skipped_on_rerun(dashboard, t
                                   f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")  # fmt: skip
     assert child.info.run_name == "ingest" and record["mlflow_run_id"] == child.info.run_id
     assert run_workflow(str(workflow), address=dashboard)["stages"] == {"ingest": "skipped"}
+
+
+# --- the orchestrator on the cluster -------------------------------------------------------------------
+def _write_workflow(tmp_path: Path, name: str, stages: list[dict]) -> Path:
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "run_dir": str(tmp_path / "run"), "experiment": name,
+                                    "stages": stages}))  # fmt: skip
+    return path
+
+
+def _mlflow_runs(run_dir: Path, experiment: str) -> dict:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return {run.info.run_name: run for run in runs}
+
+
+def test_a_detached_workflow_runs_its_stages_as_jobs_and_status_follows_it(dashboard, tmp_path, capsys):
+    """`infgen run --detach`: the orchestrator is a Ray job; inside it RAY_ADDRESS (the GCS) leads to the
+    dashboard, and each stage becomes a job of its own. A stage that fails has its MLflow run FAILED with the
+    error, opened before the stage ran; `infgen status` and `infgen logs` tell it from the records and Ray."""
+    from jobs.cli import run_arguments
+
+    broken = {"name": "broken", "command": "latents", "options": {"images": "{photos}"}}  # PNGs, no shards
+    workflow = _write_workflow(tmp_path, "detached", [{"name": "photos", "command": "photos"}, broken])
+    run_dir = tmp_path / "run"
+    submitted = run_arguments(["run", str(workflow), "--address", dashboard, "--detach"])
+    assert submitted["run_dir"] == str(run_dir) and submitted["address"] == dashboard
+    deadline = time.monotonic() + 240
+    finished = ("SUCCEEDED", "FAILED", "STOPPED")
+    while (status := run_arguments(["status", str(run_dir), "--address", dashboard]))["orchestrator_job"] \
+            not in finished:  # fmt: skip
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert status["orchestrator"] == submitted["submission_id"] and status["orchestrator_job"] == "FAILED"
+    assert status["status"] == "failed"
+    photos, failed = status["stages"]["photos"], status["stages"]["broken"]
+    assert photos["state"] == "complete" and photos["job_status"] == "SUCCEEDED"
+    assert failed["state"] == "failed" and failed["job_status"] == "FAILED"
+    assert (
+        failed["job"].startswith("infgen-detached-broken-") and "holds no *.parquet files" in failed["tail"]
+    )
+    assert "photographs 4" in photos["progress"] or photos["mlflow_status"] == "FINISHED"
+    runs = _mlflow_runs(run_dir, "detached")
+    assert runs["photos"].info.status == "FINISHED" and runs["detached"].info.status == "FAILED"
+    assert runs["broken"].info.status == "FAILED"
+    assert "holds no *.parquet files" in runs["broken"].data.tags["infgen.error"]
+    assert runs["broken"].info.run_id == failed["mlflow_run_id"]
+    capsys.readouterr()
+    assert run_arguments(["logs", str(run_dir), "broken"]) == failed["job"]
+    assert "holds no *.parquet files" in capsys.readouterr().out
+    assert run_arguments(["stop", str(run_dir)]) == []  # nothing left running
+
+
+def test_a_rerun_follows_a_stage_job_still_running_instead_of_submitting_it_again(dashboard, tmp_path):
+    """The orchestrator died after submitting a stage: its record says running, with the job's id. The
+    rerun follows that job to its end and records its output; no second job is submitted."""
+    import json
+
+    from jobs.workflow import Workflow, run_workflow
+    from jobs.workflow.spec import load_workflow
+
+    workflow = _write_workflow(tmp_path, "reattach", [{"name": "photos", "command": "photos"}])
+    spec = load_workflow(workflow)
+    records = Workflow(spec).records
+    stage = spec.stage("photos")
+    wanted = records.wanted(stage)
+    tracking = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    # The job as the dead orchestrator submitted it, a little slower to start, so it is still running.
+    entrypoint = "sleep 3 && " + ray_jobs.stage_entrypoint([*wanted["arguments"], "--tracking-uri", tracking])
+    job = ray_jobs.submit_command(dashboard, entrypoint, working_dir=REPOSITORY, follow=False,
+                                  output=io.StringIO(), submission_id="infgen-test-reattach")  # fmt: skip
+    records.write(stage, {**wanted, "status": "running", "submission_id": job["submission_id"],
+                          "ray_address": dashboard})  # fmt: skip
+    client = ray_jobs.connect(dashboard)
+    assert ray_jobs.job_status(client, job["submission_id"]) in ("PENDING", "RUNNING")
+    before = {info.submission_id for info in client.list_jobs()}
+
+    summary = run_workflow(str(workflow), address=dashboard)
+
+    assert summary["stages"] == {"photos": "ran"}
+    assert {info.submission_id for info in client.list_jobs()} == before  # nothing submitted again
+    record = json.loads((tmp_path / "run" / "workflow" / "photos.json").read_text())
+    assert record["status"] == "complete" and record["submission_id"] == "infgen-test-reattach"
+    assert ray_jobs.job_status(client, "infgen-test-reattach") == "SUCCEEDED"

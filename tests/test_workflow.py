@@ -173,11 +173,17 @@ def test_mlflow_holds_one_parent_run_with_a_nested_run_per_stage(demo_run):
     assert parent.info.status == "FINISHED"
     query = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     children = client.search_runs([experiment.experiment_id], query)
-    # one each: the evaluation logs its run once it has a table, so the failed try left none
+    # one each: the evaluation's failed try left its run FAILED, and the rerun resumed it
     assert sorted(run.info.run_name for run in children) == sorted(STAGES)
+    assert {run.info.status for run in children} == {"FINISHED"}
+    assert "infgen.error" not in next(run for run in children if run.info.run_name == "evaluate").data.tags
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"decoder", "plugin_gains.md", "workflow.yaml"} <= parent_artifacts
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "decoder")} >= {
+    assert {"plugin_gains.md", "workflow.yaml"} <= parent_artifacts
+    # the decoder is uploaded once, by training, and referenced from the parent
+    assert "decoder" not in parent_artifacts
+    stage2 = next(run for run in children if run.info.run_name == "stage2")
+    assert parent.data.tags["infgen.decoder_artifact"] == f"runs:/{stage2.info.run_id}/decoder"
+    assert {a.path for a in client.list_artifacts(stage2.info.run_id, "decoder")} >= {
         "decoder/model.safetensors", "decoder/config.json"}  # fmt: skip
     latents = next(run for run in children if run.info.run_name == "latents")
     inputs = latents.inputs.dataset_inputs

@@ -7,6 +7,13 @@ it reads) and the hash of its own output. A stage is up to date when all three s
 A stage's output hash is the sha256 of OUTPUT/manifest.json once its status is "complete", provided every
 file the manifest vouches for (`checksums`, e.g. training's final decoder) still has the recorded bytes; a
 missing, unfinished or tampered output has none. Every stage is treated alike: there is no per-command case.
+
+While a stage runs its record says "running", with its MLflow run (`mlflow_run_id`, opened before the stage
+starts) and, for a Ray job, the job's `submission_id` and the dashboard it went to (`ray_address`), written
+before the job is submitted: a rerun after the orchestrator died finds the job and follows it instead of
+submitting it twice. RUN_DIR/workflow/_run.json is the workflow run's own record (`RunRecord`): its stages in
+order, its MLflow parent run and tracking URI, and the Ray job of the orchestrator itself when it runs as one;
+`infgen status` reads both.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from jobs.workflow.spec import StageSpec, WorkflowSpec, stage_arguments, stage_o
 from pipelines.common.files import exists, file_sha256, write_json
 
 RECORD_VERSION = 1
+RUN_RECORD = "_run.json"  # not a stage's: stage names start with a letter or digit
 
 
 def text_hash(values) -> str:
@@ -104,3 +112,22 @@ class StageRecords:
         return self.same_config_and_inputs(stage, record, wanted) and record[
             "output_hash"
         ] == self.output_hash(stage)
+
+
+def run_record_path(run_dir: str) -> str:
+    return f"{run_dir.rstrip('/')}/workflow/{RUN_RECORD}"
+
+
+def read_run_record(run_dir: str) -> dict | None:
+    filesystem, local = fsspec.core.url_to_fs(run_record_path(run_dir))
+    return json.loads(filesystem.cat_file(local)) if filesystem.exists(local) else None
+
+
+def update_run_record(run_dir: str, **changes) -> dict:
+    """Merge `changes` into RUN_DIR/workflow/_run.json (a dict value merges one level deeper)."""
+    record = read_run_record(run_dir) or {"record_version": RECORD_VERSION}
+    for key, value in changes.items():
+        merge = isinstance(value, dict) and isinstance(record.get(key), dict)
+        record[key] = {**record[key], **value} if merge else value
+    write_json(run_record_path(run_dir), record)
+    return record

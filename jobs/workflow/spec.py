@@ -59,6 +59,7 @@ class WorkflowSpec:
     experiment: str = "infgen-workflow"
     tracking_uri: str | None = None
     source: str = ""
+    text: str = ""  # the file as it was read
 
     def stage_names(self) -> list[str]:
         return [stage.name for stage in self.stages]
@@ -80,12 +81,16 @@ class WorkflowSpec:
         return list(self.stages[start:end])
 
 
-def load_workflow(path: str | Path) -> WorkflowSpec:
+def load_workflow(path: str | Path, text: str | None = None) -> WorkflowSpec:
+    """The workflow file at `path`, checked; `text`: its content, read elsewhere (a detached run's
+    orchestrator gets the file it was submitted with, wherever `path` was)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"workflow file {path} does not exist")
+    if text is None:
+        if not path.is_file():
+            raise FileNotFoundError(f"workflow file {path} does not exist")
+        text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ValueError(f"workflow file {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
@@ -121,7 +126,7 @@ def load_workflow(path: str | Path) -> WorkflowSpec:
         seen.append(name)
     spec = WorkflowSpec(name=str(data["name"]), run_dir=str(data["run_dir"]), stages=tuple(stages),
                         experiment=str(data.get("experiment") or "infgen-workflow"),
-                        tracking_uri=data.get("tracking_uri"), source=str(path))  # fmt: skip
+                        tracking_uri=data.get("tracking_uri"), source=str(path), text=text)  # fmt: skip
     for stage in spec.stages:
         stage_options(spec, stage, run_dir="RUN_DIR")  # every option checked before anything runs
     return spec

@@ -27,7 +27,7 @@ from pipelines.common.holdout import held_out_images
 from pipelines.common.latent_record import read_latent_record
 from pipelines.common.run_lock import RunLock
 from pipelines.common.stage_output import claim_output, finish_stage, manifest_header
-from pipelines.common.tracking import StageTracking
+from pipelines.common.tracking import StageTracking, report_progress
 from pipelines.evaluation.chunks import (
     HELD_OUT,
     IMAGE_FOLDER,
@@ -246,6 +246,7 @@ def _score(todo: list[Chunk], decoder: str, geometry: LatentGeometry, config: Ev
     for done, row in enumerate(rows, start=1):
         part = str(row["part"]).rsplit("/parts/", 1)[-1]
         cpu_seconds += float(row["cpu_seconds"])
+        report_progress({"chunks_scored": done, "chunks": len(todo)})
         progress(f"evaluate: {done}/{len(todo)} chunks ({part}, {int(row['images'])} images, "
                  f"{float(row['cpu_seconds']):.0f} CPU s; {time.perf_counter() - started:.0f}s, "
                  f"{cpu_seconds:.0f} CPU s so far)")  # fmt: skip

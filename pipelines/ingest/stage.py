@@ -9,7 +9,10 @@ and keys never change.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +27,7 @@ from pipelines.common.errors import StageError
 from pipelines.common.files import absolute, file_sha256, read_json, resolve_inputs, write_json
 from pipelines.common.run_lock import RunLock
 from pipelines.common.stage_output import finish_stage, manifest_header
-from pipelines.common.tracking import StageTracking
+from pipelines.common.tracking import PROGRESS_INTERVAL_S, StageTracking, report_progress
 from pipelines.ingest import selection as select
 from pipelines.ingest.accounting import build_counts, check_counts
 from pipelines.ingest.config import IngestConfig
@@ -120,6 +123,7 @@ def run_selection(inputs: list[dict], layout: IngestLayout, config: IngestConfig
         "selection_sha256": select.selection_digest(_selection_urls(layout, parts, config)),
     }
     write_json(record_path, record)
+    report_progress({"rows_selected": record["selected"], "input_rows": input_rows}, force=True)
     progress(
         f"ingest: selection: {record['input_rows']} rows → {record['selected']} selected "
         f"({dict(counts)}, duplicate_url={dedup_counts['duplicate_url']}, "
@@ -220,7 +224,8 @@ def download_selection(record: dict, layout: IngestLayout, config: IngestConfig,
         # that downloaded it; run_verification catches up on shards a killed run left unsplit.
         after_shard = functools.partial(verify_downloaded_shard, config=config, layout=layout)
         image_check = VerifyingResizer(config.filters.min_pixels, config.verify.max_pixels)
-        run_download(arguments, config.allow_hosts, after_shard=after_shard, image_check=image_check)
+        with download_progress(layout):
+            run_download(arguments, config.allow_hosts, after_shard=after_shard, image_check=image_check)
     _, download = fsspec.core.url_to_fs(layout.download)
     finished = len(layout.filesystem().glob(download + "/*_stats.json"))
     if finished < shards:
@@ -229,6 +234,41 @@ def download_selection(record: dict, layout: IngestLayout, config: IngestConfig,
             "rerun the same command to download the rest"
         )
     progress(f"ingest: download: {shards} shard(s) done in {time.perf_counter() - started:.1f}s")
+
+
+@contextlib.contextmanager
+def download_progress(layout: IngestLayout):
+    """While img2dataset runs (its tasks write each finished shard's stats), a thread sums those stats into
+    progress metrics every PROGRESS_INTERVAL_S: shards done, images downloaded, images that failed."""
+    stop = threading.Event()
+    filesystem = layout.filesystem()
+    _, download = fsspec.core.url_to_fs(layout.download)
+    seen: dict[str, dict] = {}
+
+    def report() -> None:
+        for path in filesystem.glob(download + "/*_stats.json"):
+            if path not in seen:
+                seen[path] = json.loads(filesystem.cat_file(path))
+        stats = list(seen.values())
+        downloaded = sum(item.get("successes", 0) for item in stats)
+        failed = sum(item.get("count", 0) for item in stats) - downloaded
+        report_progress({"shards_done": len(stats), "images_downloaded": downloaded, "images_failed": failed},
+                        force=True)  # fmt: skip
+
+    def watch() -> None:
+        while not stop.wait(PROGRESS_INTERVAL_S):
+            with contextlib.suppress(Exception):  # a half-written stats file: next time
+                report()
+
+    watcher = threading.Thread(target=watch, name="ingest-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        with contextlib.suppress(Exception):
+            report()
 
 
 def _extra_columns(layout: IngestLayout, record: dict) -> list[str]:
@@ -262,6 +302,7 @@ def run_verification(layout: IngestLayout, config: IngestConfig, progress: Progr
     results = ray.get([_verify_task.remote(shard_id, config, layout) for shard_id in todo])
     kept = sum(result["kept"] for result in results)
     rejected = sum(result["rejected"] for result in results)
+    report_progress({"verified_kept": kept, "verified_rejected": rejected}, force=True)
     progress(
         f"ingest: verification: kept {kept}, rejected {rejected} in {time.perf_counter() - started:.1f}s"
     )

@@ -51,6 +51,7 @@ class RankZeroLogger:
 
             timestamp = int(1000 * time.time())
             batch = [Metric(name, float(value), timestamp, step) for name, value in metrics.items()]
+            batch.append(Metric("progress.step", float(step), timestamp, step))  # what `infgen status` shows
             self.client.log_batch(self.run_id, metrics=batch)
 
     def finish(self, ema, data, config) -> None:

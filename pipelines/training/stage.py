@@ -23,7 +23,7 @@ from pipelines.common.latent_record import LatentRecord, read_latent_record
 from pipelines.common.run_lock import RunLock
 from pipelines.common.signals import sigint_handler_kept
 from pipelines.common.stage_output import claim_output, finish_stage, manifest_header
-from pipelines.common.tracking import StageTracking, experiment_id, find_or_create_run, flatten
+from pipelines.common.tracking import StageTracking, flatten, open_stage_run
 from pipelines.training.config import TrainConfig
 from pipelines.training.continuation import (
     Continuation,
@@ -54,21 +54,19 @@ def model_config(config: TrainConfig, record: LatentRecord):
     return infgen.preset(config.model_preset, **{**config.model_overrides, **derived})
 
 
-def mlflow_run(tracking: StageTracking, config: TrainConfig, name: str) -> str:
-    """The MLflow run of this training run: created with the config as params, or found again on resume."""
+def mlflow_run(tracking: StageTracking, config: TrainConfig, name: str, output: str) -> str:
+    """The MLflow run of this training run: the open one (the command opened it), found again on resume or
+    created; the config logged as params once."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking.uri)
-    experiment = experiment_id(client, tracking.experiment or config.mlflow_experiment, tracking.uri)
     # Workflows share an experiment: stage1 of this workflow (its parent run), not of an earlier one.
-    tags = {"infgen.run_name": name, **tracking.tags(name)}
-
-    def log_config(run_id: str) -> None:
+    run_id = open_stage_run(tracking, config.mlflow_experiment, name, output)
+    if not client.get_run(run_id).data.params:
         for key, value in flatten(config.to_dict()).items():
             client.log_param(run_id, key, str(value)[:6000])
         client.log_dict(run_id, config.deepspeed_config(), "deepspeed_generator.json")
-
-    return find_or_create_run(client, experiment, tags, name, on_create=log_config)
+    return run_id
 
 
 def starting_point(
@@ -145,7 +143,7 @@ def run_training(
         refused = "a training run with another config or other inputs"
         claim_output(output, RECORD_NAME, wanted, config.RESOURCE_FIELDS, refused)
         name = tracking.run_name or os.path.basename(output)
-        run_id = mlflow_run(tracking, config, name)
+        run_id = mlflow_run(tracking, config, name, output)
         validation_sizes = [list(size) for size in config.validation_sizes or record.validation_sizes()]
         validation = write_validation_latents(
             images, record, f"{output}/validation_latents.npz", sizes=validation_sizes
