@@ -26,10 +26,12 @@ class RunContext:
 
     def tracking(self):
         """The stage's MLflow settings (pipelines.common.tracking.StageTracking)."""
+        from jobs.stage_environment import refuse_password_in_uri
         from pipelines.common.tracking import StageTracking, default_tracking_uri
 
-        return StageTracking(self.tracking_uri or default_tracking_uri(), self.experiment, self.run_name,
-                             self.parent_run_id)  # fmt: skip
+        where = "--tracking-uri" if self.tracking_uri else "MLFLOW_TRACKING_URI"
+        uri = refuse_password_in_uri(self.tracking_uri or default_tracking_uri(), where)
+        return StageTracking(uri, self.experiment, self.run_name, self.parent_run_id)
 
     def connect_ray(self) -> None:
         from jobs.ray_session import connect_ray

@@ -12,7 +12,9 @@ Two kinds of variables:
 `SECRETS` names the pass-through variables whose values are credentials. They reach the stage, and nothing the
 project writes shows them: `redact` masks their values (and a password inside a URI) in any text before it is
 printed or recorded. Records, manifests and MLflow params hold options and configs, never the environment;
-`tests/test_stage_environment.py` and `tests/test_object_store.py` check that no secret leaks into them.
+`tests/test_stage_environment.py` and `tests/test_object_store.py` check that no secret leaks into them. A
+tracking URI with a password inside is refused (`refuse_password_in_uri`): it would be printed and passed on
+command lines.
 
 Ray itself keeps a job's environment in the job's runtime_env, which its dashboard shows to anyone who can
 reach it: on a shared cluster give the nodes their own credentials (an IAM role, a Kubernetes secret) and
@@ -93,6 +95,23 @@ def stage_environment(environ: Mapping[str, str] | None = None, tracking_uri: st
     return environment
 
 
+def _without_passwords(text: str) -> str:
+    return _URI_PASSWORD.sub(lambda match: match.group("head") + REDACTED, text)
+
+
+def refuse_password_in_uri(uri: str, where: str) -> str:
+    """`uri`, unless it carries a password (scheme://user:password@host): a tracking URI is printed, passed on
+    command lines and shown in Ray's job list, so the password goes in MLFLOW_TRACKING_PASSWORD (or a token in
+    MLFLOW_TRACKING_TOKEN) instead. `where` names the setting in the error."""
+    if _URI_PASSWORD.search(uri):
+        raise ValueError(
+            f"{where} {_without_passwords(uri)} holds a password: "
+            "give the URI without it and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN); those reach every stage and are never printed or recorded"
+        )
+    return uri
+
+
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """The values to hide: every secret variable set in `environ`, and passwords inside pass-through URIs.
     Longest first, so a value that contains another is hidden whole."""
@@ -107,7 +126,7 @@ def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
     """`text` with every secret value of `environ` and every password inside a URI replaced by ***."""
     for value in secret_values(environ):
         text = text.replace(value, REDACTED)
-    return _URI_PASSWORD.sub(lambda match: match.group("head") + REDACTED, text)
+    return _without_passwords(text)
 
 
 def shown(environment: Mapping[str, str]) -> dict:

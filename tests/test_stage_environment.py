@@ -5,6 +5,8 @@ Ray workers receive credentials and that nothing records them is tests/test_obje
 import re
 from pathlib import Path
 
+import pytest
+
 from jobs.ray_session import OFFLINE_ENVIRONMENT
 from jobs.stage_environment import (
     FIXED_ENVIRONMENT,
@@ -92,3 +94,15 @@ def test_shown_masks_secret_variables_and_keeps_the_rest():
     assert displayed["MLFLOW_TRACKING_USERNAME"] == "infgen"
     assert displayed["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert not any(value in str(displayed) for value in secret_values(SUBMITTER))
+
+
+def test_a_tracking_uri_with_a_password_is_refused_before_a_stage_runs():
+    from jobs.context import RunContext
+
+    with pytest.raises(
+        ValueError, match=r"--tracking-uri https://infgen:\*\*\*@mlflow.example holds a pass"
+    ) as refused:
+        RunContext(tracking_uri="https://infgen:hunter2-long@mlflow.example").tracking()
+    assert "hunter2-long" not in str(refused.value) and "MLFLOW_TRACKING_PASSWORD" in str(refused.value)
+    uri = "http://mlflow.infgen.svc:5000"
+    assert RunContext(tracking_uri=uri).tracking().uri == uri
