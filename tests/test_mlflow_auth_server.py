@@ -27,7 +27,7 @@ AUTH_CONFIG = REPOSITORY / "infra" / "mlflow" / "basic_auth.ini"
 ADMIN = ("admin", "admin-password-from-the-secret")
 PIPELINE = ("pipeline", "pipeline-password-of-the-stages")
 CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-START_DEADLINE_S = 180  # MLflow's server stack is imported twice (CLI, worker): 30 s on 2 idle cores, 80 busy
+START_DEADLINE_S = 240  # MLflow's server stack is imported twice (CLI, worker): 30 s on 2 idle cores, 80 busy
 
 
 def _free_port() -> int:
