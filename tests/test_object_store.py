@@ -30,11 +30,12 @@ ALLOW_ALL_S3 = {"Version": "2012-10-17",
 # One driver process: ingest, then latents reading the ingest from the bucket (what each call prints is
 # the test's evidence of what it did).
 DRIVER = """
-import json, sys
+import json, sys, time
 from jobs.cli import run_arguments
 for arguments in json.loads(sys.argv[1]):
-    print("=== infgen " + arguments[0], flush=True)
+    started = time.perf_counter()
     run_arguments(arguments)
+    print(f"=== infgen {arguments[0]} done in {time.perf_counter() - started:.1f}s", flush=True)
 """
 
 
@@ -102,10 +103,11 @@ def _bucket(s3_server, secret: str | None = None):
                              endpoint_url=s3_server["endpoint"], skip_instance_cache=True)  # fmt: skip
 
 
-def _run_driver(ray_address: str, commands: list[list[str]], environment: dict) -> str:
+def _run_driver(commands: list[list[str]], environment: dict, log) -> str:
     finished = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands)], env=environment,
                               capture_output=True, text=True, timeout=600)  # fmt: skip
     printed = finished.stdout + finished.stderr
+    log.write_text(printed)  # for whoever reads a failure; scanned for the secret like every file here
     assert finished.returncode == 0, printed[-5000:]
     return printed
 
@@ -121,15 +123,16 @@ def object_store_run(ray_address, s3_server, tmp_path_factory):
     commands = [
         ["ingest", "--embedded", str(ROWS), "--samples-per-shard", str(SHARD), "--seed", str(SEED),
          "--output", ingest, *context],
-        ["latents", "--images", f"{ingest}/images", "--output", latents, "--preset", "smoke", *context],
+        ["latents", "--images", f"{ingest}/images", "--output", latents, "--preset", "smoke",
+         "--encoders", "1", *context],
     ]  # fmt: skip
     assert "AWS_SECRET_ACCESS_KEY" not in os.environ  # the session's Ray and its workers never had it
     environment = {**os.environ, **s3_server["credentials"]}
     environment.pop("MLFLOW_TRACKING_URI", None)
     bucket = _bucket(s3_server)
-    first = _run_driver(ray_address, commands, environment)
+    first = _run_driver(commands, environment, root / "first.log")
     objects_first = bucket.find(BUCKET, detail=True)
-    second = _run_driver(ray_address, commands, environment)
+    second = _run_driver(commands, environment, root / "second.log")
     bucket.invalidate_cache()
     objects_second = bucket.find(BUCKET, detail=True)
     return {"root": root, "tracking": tracking, "ingest": ingest, "latents": latents, "bucket": bucket,
@@ -174,6 +177,7 @@ def test_a_second_run_resumes_without_rework(object_store_run):
     first, second = object_store_run["printed"]
     assert "2 to encode, 0 done earlier" in first
     assert "ingest: selection: reusing" in second
+    assert "ingest: download: all 2 shard(s) downloaded earlier" in second
     assert "0 to encode, 2 done earlier" in second
     before, after = object_store_run["objects"]
     assert set(after) == set(before)

@@ -217,6 +217,12 @@ def download_selection(record: dict, layout: IngestLayout, config: IngestConfig,
         _extra_columns(layout, record),
     )
     shards = expected_shards(layout, record["parts"], config.download.samples_per_shard)
+    _, download = fsspec.core.url_to_fs(layout.download)
+    if shards and len(layout.filesystem().glob(download + "/*_stats.json")) >= shards:
+        # A rerun after every shard finished: img2dataset would skip them all too, after re-sharding the whole
+        # selection into _tmp/ and starting a task per shard (~20 s for two shards on 2 cores).
+        progress(f"ingest: download: all {shards} shard(s) downloaded earlier")
+        return
     progress(f"ingest: download: {record['selected']} images in {shards} shard(s) with img2dataset on Ray")
     started = time.perf_counter()
     if record["selected"]:
@@ -226,7 +232,6 @@ def download_selection(record: dict, layout: IngestLayout, config: IngestConfig,
         image_check = VerifyingResizer(config.filters.min_pixels, config.verify.max_pixels)
         with download_progress(layout):
             run_download(arguments, config.allow_hosts, after_shard=after_shard, image_check=image_check)
-    _, download = fsspec.core.url_to_fs(layout.download)
     finished = len(layout.filesystem().glob(download + "/*_stats.json"))
     if finished < shards:
         raise StageError(
