@@ -26,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import infgen  # noqa: E402
+from bench.report import emit, markdown_table  # noqa: E402
 from infgen.images import from_uint8, to_uint8  # noqa: E402
 from infgen.metrics.distribution import extract_patches, frechet_distance, patch_boxes  # noqa: E402
 from infgen.metrics.inception import load_inception  # noqa: E402
@@ -94,10 +95,7 @@ def main() -> None:
                 distance = frechet_distance(patch_features(inception, images), truth_features)
                 name = label if sigma == 0 else f"{label} + noise σ {sigma}"
                 rows.setdefault(name, []).append(f"{distance:.3f}")
-    print("| " + " | ".join(header) + " |")
-    print("|---|" + "---|" * len(sizes))
-    for label, cells in rows.items():
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    emit(markdown_table(header, rows), None)
 
 
 if __name__ == "__main__":

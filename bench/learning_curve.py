@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import infgen  # noqa: E402
+from bench.report import emit, markdown_table  # noqa: E402
 from pipelines.common.holdout import held_out_images  # noqa: E402
 from pipelines.common.latent_record import read_latent_record  # noqa: E402
 from pipelines.common.reconstruction import encode_crops, read_images  # noqa: E402
@@ -89,10 +90,7 @@ def main() -> None:
             rows.setdefault(label, []).append(
                 f"{psnr(decoded, truth):.2f} / {lattice_ratio(decoded, truth):.2f}"
             )
-    print("| decoder | " + " | ".join(columns) + " |")
-    print("|---|" + "---|" * len(columns))
-    for label, cells in rows.items():
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    emit(markdown_table(["decoder", *columns], rows), None)
 
 
 if __name__ == "__main__":
