@@ -16,9 +16,9 @@ def add_parser(subcommands) -> None:
 
 def run(args) -> str:
     from jobs.ray_jobs import connect, follow_job
-    from jobs.workflow.state import load_state
+    from jobs.workflow.state import locate_state
 
-    state = load_state(args.run)
+    state = locate_state(args.run, args.address)
     if args.stage is None:
         submission_id = (state.run.get("orchestrator") or {}).get("submission_id")
         if not submission_id:

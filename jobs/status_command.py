@@ -23,18 +23,18 @@ def add_parser(subcommands) -> None:
 
 def run(args) -> dict:
     from jobs.ray_jobs import connect, job_status
-    from jobs.workflow.state import load_state, run_dir_of_workflow
+    from jobs.workflow.state import locate_state, run_dir_of_workflow
 
     run_dir, client = args.run, None
     if args.address:
         client = connect(args.address)
-        if not os.path.isdir(run_dir) and "://" not in run_dir:
+        if "/" not in run_dir and not os.path.isdir(run_dir):  # a workflow's name, not a path
             found = run_dir_of_workflow(client, run_dir)
             if found is None:
                 raise FileNotFoundError(f"{run_dir}: neither a run directory nor a workflow with an "
                                         f"orchestrator job on {client.get_address()}")  # fmt: skip
             run_dir = found
-    state = load_state(run_dir)
+    state = locate_state(run_dir, args.address)
     run = state.run
     orchestrator = (run.get("orchestrator") or {}).get("submission_id")
     summary = {

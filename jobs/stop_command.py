@@ -14,9 +14,9 @@ def add_parser(subcommands) -> None:
 
 def run(args) -> list[str]:
     from jobs.ray_jobs import connect, job_status
-    from jobs.workflow.state import TERMINAL, load_state
+    from jobs.workflow.state import TERMINAL, locate_state
 
-    state = load_state(args.run)
+    state = locate_state(args.run, args.address)
     jobs = state.running_jobs()
     if not jobs:
         print(f"{state.run_dir}: nothing recorded as running")

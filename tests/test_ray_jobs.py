@@ -406,6 +406,11 @@ def test_a_detached_workflow_runs_its_stages_as_jobs_and_status_follows_it(dashb
     assert run_arguments(["logs", str(run_dir), "broken"]) == failed["job"]
     assert "holds no *.parquet files" in capsys.readouterr().out
     assert run_arguments(["stop", str(run_dir)]) == []  # nothing left running
+    # Where the run directory is not readable here (a volume only the cluster mounts), the same state is read
+    # by a Ray job on the cluster.
+    from jobs.workflow.state import load_state, load_state_on_cluster
+
+    assert load_state_on_cluster(dashboard, str(run_dir)) == load_state(str(run_dir))
 
 
 def test_a_rerun_follows_a_stage_job_still_running_instead_of_submitting_it_again(dashboard, tmp_path):

@@ -5,13 +5,17 @@ with the workflow file's text in its environment (INFGEN_WORKFLOW_TEXT: the file
 project) and the stages' environment (jobs/stage_environment.py: MLflow, object-store credentials). Inside
 the job `infgen run` finds its own cluster and submits each stage as a child job (jobs/workflow/runner.py).
 
-The run directory is resolved here, where the command is typed, and passed on, so `infgen status RUN_DIR`
-run here reads the records the orchestrator writes: on a real cluster it must be a location both sides see
-(s3://, gs://, a shared volume); a local path only works where the cluster runs on this machine.
+The run directory is resolved here, where the command is typed, and passed on. The submission is recorded
+in RUN_DIR/workflow/_run.json here only where the run directory is visible here (an object store, or a path
+that exists here: a shared volume mounted on this machine too, or a cluster on this machine); a laptop never
+creates a local copy of a cluster's /mnt/... path, which would then be mistaken for the run. The
+orchestrator records itself when it starts; until then `infgen status RUN_DIR --address URL` knows the run
+by its job's metadata, and afterwards reads the records on the cluster (jobs/workflow/state.py).
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 import uuid
@@ -44,8 +48,10 @@ def submit_workflow(path: str, address: str | None, first: str | None = None, la
     submitted = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     # Recorded before the job exists: the orchestrator adds to this record as soon as it starts.
     orchestrator = {"submission_id": submission_id, "address": url, "submitted": submitted}
-    update_run_record(run_dir, workflow=spec.name, stages=spec.stage_names(), status="submitted",
-                      orchestrator=orchestrator)  # fmt: skip
+    visible_here = "://" in run_dir or os.path.isdir(run_dir)
+    if visible_here:
+        update_run_record(run_dir, workflow=spec.name, stages=spec.stage_names(), status="submitted",
+                          orchestrator=orchestrator)  # fmt: skip
     try:
         result = submit_command(
             url,
@@ -57,6 +63,8 @@ def submit_workflow(path: str, address: str | None, first: str | None = None, la
             follow=False,
         )
     except BaseException as error:
+        if not visible_here:
+            raise
         update_run_record(
             run_dir, status="failed", error=f"submission failed: {type(error).__name__}: {error}"
         )

@@ -1,11 +1,20 @@
 """A workflow run as its records tell it (RUN_DIR/workflow/: _run.json and one record per stage), with the Ray
 jobs' live states and the stage runs' MLflow progress where asked: what `infgen status`, `infgen logs` and
-`infgen stop` read. The records alone need neither Ray nor MLflow."""
+`infgen stop` read. The records alone need neither Ray nor MLflow.
+
+Where the run directory is not readable here (a volume only the cluster's nodes mount, such as
+jobs/laion_5m.yaml's /mnt/infgen), `locate_state` reads it on the cluster: a small Ray job runs this module
+(`python -m jobs.workflow.state RUN_DIR`), which prints the state as one JSON line. Before the orchestrator
+has written anything, the run is known by its orchestrator job's metadata alone.
+"""
 
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import dataclass, field
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
 
 import fsspec
 
@@ -55,6 +64,60 @@ def load_state(run_dir: str) -> RunState:
     return RunState(run_dir, run, {name: records.get(name) for name in order})
 
 
+# The line `python -m jobs.workflow.state` prints; everything else in the job's log is Ray's.
+STATE_LINE = "infgen-run-state: "
+
+
+def locate_state(run_dir: str, address: str | None) -> RunState:
+    """The run's state read here when its run directory is readable here; else, given a cluster `address`,
+    read on the cluster; else (the orchestrator has not written yet) what its orchestrator job says."""
+    try:
+        return load_state(run_dir)
+    except FileNotFoundError:
+        if not address or "://" in run_dir:
+            raise
+    from jobs.ray_jobs import connect
+
+    try:
+        return load_state_on_cluster(address, run_dir)
+    except FileNotFoundError as missing:
+        job = orchestrator_job(connect(address), absolute(run_dir).rstrip("/"))
+        if job is None:
+            raise FileNotFoundError(f"{missing}; and no orchestrator job on {address} writes there") from None
+    orchestrator = {"submission_id": job.submission_id, "address": address}
+    run = {"workflow": job.metadata.get("infgen_workflow"), "status": "submitted",
+           "orchestrator": orchestrator}  # fmt: skip
+    return RunState(absolute(run_dir).rstrip("/"), run, {})
+
+
+def load_state_on_cluster(address: str, run_dir: str) -> RunState:
+    """load_state run as a Ray job on the cluster at `address` (whose nodes mount the run directory)."""
+    from jobs.ray_jobs import JobFailed, submit_command
+    from jobs.workflow.execution import PROJECT_ROOT
+
+    log = io.StringIO()
+    entrypoint = shlex.join(["python", "-m", "jobs.workflow.state", run_dir])
+    try:
+        submit_command(address, entrypoint, working_dir=str(PROJECT_ROOT), output=log, log_tail_lines=3,
+                       metadata={"infgen_role": "status", "infgen_run_dir": run_dir})  # fmt: skip
+    except JobFailed as failed:
+        raise FileNotFoundError(
+            f"{run_dir} is not readable here, nor on the cluster at {address}: {failed.log_tail.strip()}"
+        ) from None
+    for line in log.getvalue().splitlines():
+        if line.startswith(STATE_LINE):
+            return RunState(**json.loads(line.removeprefix(STATE_LINE)))
+    raise RuntimeError(f"the job that read {run_dir} on {address} printed no state; its log:\n"
+                       f"{log.getvalue()}")  # fmt: skip
+
+
+def orchestrator_job(client, run_dir: str):
+    """The newest orchestrator job on this cluster that writes `run_dir` (JobDetails), or None."""
+    jobs = [job for job in client.list_jobs() if (job.metadata or {}).get("infgen_run_dir") == run_dir
+            and (job.metadata or {}).get("infgen_role") == "orchestrator"]  # fmt: skip
+    return max(jobs, key=lambda job: job.start_time or 0) if jobs else None
+
+
 def run_dir_of_workflow(client, name: str) -> str | None:
     """The run directory of the newest orchestrator job of the workflow called `name` on this cluster."""
     jobs = [job for job in client.list_jobs() if (job.metadata or {}).get("infgen_workflow") == name
@@ -73,3 +136,12 @@ def stage_progress(tracking_uri: str, run_id: str) -> tuple[str, dict[str, float
     metrics = {name.removeprefix("progress."): value for name, value in run.data.metrics.items()
                if name.startswith("progress.")}  # fmt: skip
     return run.info.status, metrics
+
+
+if __name__ == "__main__":  # run on the cluster by load_state_on_cluster
+    try:
+        state = load_state(sys.argv[1])
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    print(STATE_LINE + json.dumps(asdict(state)))
