@@ -26,14 +26,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import infgen  # noqa: E402
+from bench.demo_run import held_out_of_run  # noqa: E402
 from bench.report import emit, markdown_table  # noqa: E402
 from infgen.images import from_uint8, to_uint8  # noqa: E402
 from infgen.metrics.distribution import extract_patches, frechet_distance, patch_boxes  # noqa: E402
 from infgen.metrics.inception import load_inception  # noqa: E402
-from pipelines.common.holdout import held_out_images  # noqa: E402
-from pipelines.common.latent_record import read_latent_record  # noqa: E402
-from pipelines.common.reconstruction import encode_crops, read_images  # noqa: E402
-from pipelines.common.vae_source import load_frozen_vae  # noqa: E402
+from pipelines.common.reconstruction import encode_crops  # noqa: E402
 
 PATCH = 256
 
@@ -64,9 +62,7 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     run = arguments.run.rstrip("/")
-    record = read_latent_record(f"{run}/latents")
-    vae, _ = load_frozen_vae(record.vae, "cpu")
-    pictures = read_images(held_out_images(f"{run}/ingest/images", f"{run}/latents", arguments.images))
+    record, vae, pictures = held_out_of_run(run, arguments.images)
     inception = load_inception(arguments.inception)
     model = infgen.load(f"{run}/stage2/final_decoder").eval()
     side = record.input_side

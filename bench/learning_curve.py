@@ -24,11 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import infgen  # noqa: E402
+from bench.demo_run import held_out_of_run  # noqa: E402
 from bench.report import emit, markdown_table  # noqa: E402
-from pipelines.common.holdout import held_out_images  # noqa: E402
-from pipelines.common.latent_record import read_latent_record  # noqa: E402
-from pipelines.common.reconstruction import encode_crops, read_images  # noqa: E402
-from pipelines.common.vae_source import load_frozen_vae  # noqa: E402
+from pipelines.common.reconstruction import encode_crops  # noqa: E402
 
 
 def decoders(run: str) -> list[tuple[str, str]]:
@@ -68,9 +66,7 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     run = arguments.run.rstrip("/")
-    record = read_latent_record(f"{run}/latents")
-    vae, _ = load_frozen_vae(record.vae, "cpu")
-    pictures = read_images(held_out_images(f"{run}/ingest/images", f"{run}/latents", arguments.images))
+    record, vae, pictures = held_out_of_run(run, arguments.images)
     side = record.input_side
     print(f"{len(pictures)} held-out images, input {side}²; PSNR (dB) / lattice ratio\n")
     sizes = [(side * scale, side * scale) for scale in (1, 2, 4)]
