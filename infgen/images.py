@@ -17,7 +17,9 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 def from_uint8(array: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 → (3, H, W) float32 tensor in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 127.5 - 1
+    # torch.tensor copies: arrays read from Arrow buffers or Ray's object store are read-only, which
+    # torch.from_numpy warns about.
+    return torch.tensor(np.asarray(array)).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> Path:

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from infgen.images import from_uint8
 from jobs.cli import run_arguments
 from pipelines.common.crops import CropPolicy, buckets, crop_pair, decode_rgb, plan_crops
 from pipelines.common.latent_shards import read_latents
@@ -79,9 +80,7 @@ def test_a_sample_is_its_crop_encoded_with_its_own_noise(embedded_images, latent
     encoder_input, truth = crop_pair(image, sample, 64)
     assert truth.shape == (row["target_height"], row["target_width"], 3)
     vae, _ = load_frozen_vae(None)
-    mean, std = vae.encode_posterior(
-        torch.from_numpy(encoder_input).permute(2, 0, 1)[None].float() / 127.5 - 1
-    )
+    mean, std = vae.encode_posterior(from_uint8(encoder_input)[None])
     noise = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(row["seed"]))
     expected = (mean[0] + std[0] * noise).numpy()
     np.testing.assert_allclose(read_latents(table)[3], expected, atol=1e-4)
