@@ -118,9 +118,9 @@ def cpu_mode(args) -> list[str]:
     connect_ray()
     total = args.warmup + args.steps
     config = dataclasses.replace(
-        STAGE1_SMALL, steps=total, num_workers=1, global_batch=args.batch, checkpoint_every=10**9,
-        log_every=10**9,
-    ).with_gan_start(0)  # fmt: skip
+        STAGE1_SMALL.with_steps(total, gan_start_step=0), num_workers=1, global_batch=args.batch,
+        checkpoint_every=10**9, log_every=10**9,
+    )  # fmt: skip
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
     tracking = f"sqlite:///{scratch / 'mlflow.db'}"
     run_arguments(["ingest", "--embedded", "60", "--output", str(scratch / "ingest"),

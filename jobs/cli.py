@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"infgen {name}: stopped: {error}", file=sys.stderr)  # a stage's Ray job: its log tail says why
         return 1
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C or SIGTERM: one line, not a traceback. What was written stays; the stages resume from it.
+        how = str(interrupt) or "Ctrl-C"
+        print(f"infgen {name}: interrupted ({how}); run the same command again to resume", file=sys.stderr)
+        return 143 if "SIGTERM" in how else 130  # the shell's 128 + signal number
     return 0
 
 

@@ -32,6 +32,9 @@ class Command:
     stage: bool = True  # writes OUTPUT/manifest.json; may run in a workflow
     experiment: str = ""  # a stage's own MLflow experiment (its config's mlflow_experiment)
     run_name: Callable | None = None  # (options) → its MLflow run's default name; None: the command's name
+    # (options) → the stage's config, built as the command builds it: a value out of range or a rule across
+    # options (and the preset) fails when a workflow file loads, not when the stage starts days later.
+    check: Callable | None = None
 
 
 COMMANDS: dict[str, Command] = {
@@ -40,18 +43,22 @@ COMMANDS: dict[str, Command] = {
         Command("decode", "decode latents to images of any size", decode_command.DecodeOptions,
                 decode_command.run_decode, stage=False),
         Command("ingest", "metadata → verified >2 MP images in Parquet shards (Ray)",
-                ingest_command.IngestOptions, ingest_command.run_ingest_command, experiment="infgen-ingest"),
+                ingest_command.IngestOptions, ingest_command.run_ingest_command, experiment="infgen-ingest",
+                check=lambda options: ingest_command.build_config(options, options.embedded is not None)),
         Command("latents", "image shards → frozen-VAE latent shards (Ray Data)",
                 latents_command.LatentsOptions, latents_command.run_latents_command,
-                latents_command.RESOURCE_FIELDS, experiment="infgen-latents"),
+                latents_command.RESOURCE_FIELDS, experiment="infgen-latents",
+                check=latents_command.build_config),
         Command("train", "one decoder training stage (Ray Train + DeepSpeed)", train_command.TrainOptions,
                 train_command.run_train_command, train_command.RESOURCE_FIELDS, experiment="infgen-train",
-                run_name=lambda options: os.path.basename(options.output.rstrip("/"))),
+                run_name=lambda options: os.path.basename(options.output.rstrip("/")),
+                check=train_command.build_config),
         Command("photos", "held-out real photographs (scikit-image) → PNG folder for evaluate --images-dir",
                 photos_command.PhotosOptions, photos_command.run_photos_command, experiment="infgen-photos"),
         Command("evaluate", "InfGen vs stock VAE decoder: FID/FIDp/PSNR... (Ray)",
                 evaluate_command.EvaluateOptions, evaluate_command.run_evaluate_command,
-                evaluate_command.RESOURCE_FIELDS, experiment="infgen-eval"),
+                evaluate_command.RESOURCE_FIELDS, experiment="infgen-eval",
+                check=evaluate_command.build_config),
     )
 }  # fmt: skip
 STAGE_COMMANDS = tuple(name for name, command in COMMANDS.items() if command.stage)

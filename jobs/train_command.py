@@ -45,7 +45,9 @@ class TrainOptions:
     workers: int | None = option(None, help="override the preset's number of workers")
     checkpoint_every: int | None = option(None, help="override how often a checkpoint is reported (steps)")
     gan_start_step: int | None = option(
-        None, help="override the step the GAN term starts at (a fraction of --steps)"
+        None,
+        help="override the step the GAN term starts at (below --steps; default: the preset's fraction "
+        "of the run)",
     )
     output: str = option(help="the run's folder: checkpoints, losses, final_decoder/, manifest.json")
 
@@ -53,10 +55,11 @@ class TrainOptions:
 def build_config(options: TrainOptions):
     from pipelines.training.config import PRESETS
 
-    # bad values fail here, before Ray starts
-    fields = {"steps": "steps", "workers": "num_workers", "checkpoint_every": "checkpoint_every",
-              "warm_start": "warm_start"}  # fmt: skip
+    # bad values fail here: before Ray starts, and when a workflow file loads (registry.Command.check)
+    fields = {"workers": "num_workers", "checkpoint_every": "checkpoint_every", "warm_start": "warm_start"}
     config = dataclasses.replace(PRESETS[options.preset], **overrides(options, fields))
+    if options.steps is not None:  # the GAN start keeps its fraction of the run unless given
+        return config.with_steps(options.steps, options.gan_start_step)
     if options.gan_start_step is not None:
         config = config.with_gan_start(options.gan_start_step)
     return config

@@ -150,3 +150,36 @@ def test_train_options_override_the_preset_warm_start_and_refuse_unknown_values(
     assert cold.warm_start == "none"
     with pytest.raises(ValueError, match="warm"):
         build_config(from_mapping(TrainOptions, {**base, "warm-start": "random"}, "train"))
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_command_ends_with_one_line(
+    checkpoint, tiny_vae_directory, tmp_path, signal_name, code
+):
+    """Ctrl-C (SIGINT) or `ray job stop` (SIGTERM) in the middle of a command: one line on stderr, no
+    traceback, the shell's exit status. Sent once the command prints that its long part has begun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, _ = checkpoint
+    directory = infgen.save(model, tmp_path / "trained", {"latents": {"vae": str(tiny_vae_directory)}})
+    np.save(tmp_path / "z.npy", torch.randn(16, 4, 4, 4).numpy())
+    arguments = ["decode", "--checkpoint", str(directory), "--latents", str(tmp_path / "z.npy"),
+                 "--size", "4096x4096", "--out", str(tmp_path / "big.png")]  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", *arguments], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    deadline = time.monotonic() + 120
+    for line in process.stdout:  # blocks until the command says it is extrapolating
+        if line.startswith("extrapolating in"):
+            break
+        assert time.monotonic() < deadline
+    process.send_signal(getattr(signal, signal_name))
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == code, error
+    assert "Traceback" not in error
+    assert error.strip().splitlines()[-1].startswith("infgen decode: interrupted")
+    assert not (tmp_path / "big_0.png").exists() and not (tmp_path / "big.png").exists()

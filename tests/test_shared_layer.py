@@ -152,6 +152,21 @@ def test_options_mean_the_same_from_a_workflow_file_and_a_command_line():
         from_mapping(command.options, {"decoder": "d"}, "evaluate", fixed={"output": "out"})
 
 
+def test_shortening_a_run_keeps_its_gan_at_the_same_fraction_and_a_gan_past_the_end_is_refused():
+    from jobs.train_command import TrainOptions, build_config
+
+    def config(**given):
+        return build_config(TrainOptions(preset="stage1", latents="l", images="i", output="o", **given))
+
+    assert config().loss.gan_start_step == 50_000 and config().steps == 500_000
+    assert config(steps=1000).loss.gan_start_step == 100  # the preset's 10 %, not 50 000 (never)
+    assert config(steps=1000, gan_start_step=0).loss.gan_start_step == 0
+    with pytest.raises(ValueError, match=r"gan_start_step \(1000\) must be below steps \(1000\)"):
+        config(steps=1000, gan_start_step=1000)
+    with pytest.raises(ValueError, match=r"gan_start_step \(600000\) must be below steps \(500000\)"):
+        config(gan_start_step=600_000)
+
+
 def test_the_config_hash_leaves_resource_options_out():
     base = ["latents", "--images", "i", "--preset", "embedded", "--output", "o"]
     same = config_hash("latents", base)

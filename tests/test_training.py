@@ -253,7 +253,7 @@ def test_a_killed_driver_resumes_to_the_same_losses(stage1, ray_address):
 
 
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all(stage1):
-    config = dataclasses.replace(STAGE1_SMALL, steps=6, checkpoint_every=6)
+    config = dataclasses.replace(STAGE1_SMALL.with_steps(6, gan_start_step=5), checkpoint_every=6)
     run_training(
         config, stage1["latents"], stage1["images"], str(stage1["storage"] / "nan"),
         StageTracking(stage1["tracking"]), hooks=NonFiniteLossAt(3),

@@ -31,9 +31,9 @@ def one_rank():
 
 def test_engines_train_a_bf16_zero1_step_and_skip_a_nan_one(one_rank):
     config = dataclasses.replace(
-        STAGE1_SMALL, num_workers=1, global_batch=2, precision="bf16", zero_stage=STAGE1.zero_stage,
-        activation_checkpointing=True, steps=4,
-    ).with_gan_start(0)  # fmt: skip
+        STAGE1_SMALL.with_steps(4, gan_start_step=0), num_workers=1, global_batch=2, precision="bf16",
+        zero_stage=STAGE1.zero_stage, activation_checkpointing=True,
+    )  # fmt: skip
     parts = build_engines(config)
     assert next(parts.model.parameters()).dtype == torch.bfloat16  # DeepSpeed cast the decoder in place
     assert next(parts.ema.parameters()).dtype == torch.float32
@@ -59,9 +59,9 @@ def bf16_zero1(**optimizer_changes):
     """The GPU presets' precision and ZeRO stage at CPU scale, on one rank, the GAN from step 0."""
     optimizer = dataclasses.replace(STAGE1_SMALL.optimizer, **optimizer_changes)
     return dataclasses.replace(
-        STAGE1_SMALL, num_workers=1, global_batch=2, precision="bf16", zero_stage=STAGE1.zero_stage,
-        activation_checkpointing=True, steps=4, optimizer=optimizer,
-    ).with_gan_start(0)  # fmt: skip
+        STAGE1_SMALL.with_steps(4, gan_start_step=0), num_workers=1, global_batch=2, precision="bf16",
+        zero_stage=STAGE1.zero_stage, activation_checkpointing=True, optimizer=optimizer,
+    )  # fmt: skip
 
 
 def a_batch():

@@ -64,6 +64,16 @@ BAD_FILES = {
     "command": (lambda d: d["stages"][5].update(command="deploy"), r"\(evaluate\): command 'deploy' is not"),
     "repeated": (lambda d: d["stages"].append(dict(d["stages"][0])), r"stage 7: name 'ingest' must be a new"),
     "missing key": (lambda d: d.pop("run_dir"), r"'run_dir' is missing"),
+    # Ranges and rules across options (and the preset) are the stage config's own, checked at load too.
+    "negative steps": (set_option(2, steps=-5), r"stage stage1: steps must be ≥ 1, got -5"),
+    "GAN past the end": (
+        set_option(2, steps=10, **{"gan-start-step": 10}),
+        r"stage stage1: loss.gan_start_step \(10\) must be below steps \(10\)",
+    ),
+    "fraction out of range": (
+        set_option(1, **{"holdout-fraction": 1.5}),
+        r"stage latents: holdout_fraction must be in \[0, 1\)",
+    ),
     "unknown key": (lambda d: d.update(stagse=[]), r"unknown keys \['stagse'\]"),
 }
 

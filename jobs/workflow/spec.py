@@ -148,9 +148,14 @@ def stage_options(spec: WorkflowSpec, stage: StageSpec, run_dir: str):
         else value
         for option, value in stage.options.items()
     }
+    command = COMMANDS[stage.command]
     try:
-        return from_mapping(COMMANDS[stage.command].options, resolved, stage.command,
-                            fixed={"output": outputs[stage.name]})  # fmt: skip
+        options = from_mapping(
+            command.options, resolved, stage.command, fixed={"output": outputs[stage.name]}
+        )
+        if command.check is not None:
+            command.check(options)
+        return options
     except ValueError as error:
         raise ValueError(f"workflow file {spec.source}, stage {stage.name}: {error}") from None
 

@@ -89,6 +89,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.loss.gan_start_step < 0:
             raise ValueError(f"loss.gan_start_step must be ≥ 0, got {self.loss.gan_start_step}")
+        if self.loss.gan_weight > 0 and self.loss.gan_start_step >= self.steps:
+            raise ValueError(
+                f"loss.gan_start_step ({self.loss.gan_start_step}) must be below steps ({self.steps}): the "
+                "GAN term would never start (give a GAN start below the steps, or a GAN weight of 0)"
+            )
 
     @property
     def micro_batch(self) -> int:
@@ -112,6 +117,15 @@ class TrainConfig:
 
     def with_gan_start(self, step: int) -> TrainConfig:
         return dataclasses.replace(self, loss=dataclasses.replace(self.loss, gan_start_step=step))
+
+    def with_steps(self, steps: int, gan_start_step: int | None = None) -> TrainConfig:
+        """`steps` steps; the GAN starts at `gan_start_step`, else at the same fraction of the run as before
+        (a preset's 50k of 500k becomes 1 of 12), so shortening a run never silently drops its GAN term."""
+        if gan_start_step is None:
+            gan_start_step = self.loss.gan_start_step * steps // self.steps
+        return dataclasses.replace(
+            self, steps=steps, loss=dataclasses.replace(self.loss, gan_start_step=gan_start_step)
+        )
 
     def deepspeed_config(self, discriminator: bool = False) -> dict:
         """DeepSpeed's JSON for the generator (or the discriminator) engine."""
@@ -172,7 +186,8 @@ STAGE1_DEMO = dataclasses.replace(
 )  # fmt: skip
 STAGE2_DEMO = dataclasses.replace(
     STAGE1_DEMO, stage="stage2-demo", steps=50, max_target_side=None, checkpoint_every=25, print_every=10,
-).with_gan_start(0)  # fmt: skip
+    loss=dataclasses.replace(STAGE1_DEMO.loss, gan_start_step=0),
+)  # fmt: skip
 PRESETS = {
     "stage1": STAGE1,
     "stage2": STAGE2,
