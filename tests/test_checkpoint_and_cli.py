@@ -169,9 +169,11 @@ def test_an_interrupted_command_ends_with_one_line(
     np.save(tmp_path / "z.npy", torch.randn(16, 4, 4, 4).numpy())
     arguments = ["decode", "--checkpoint", str(directory), "--latents", str(tmp_path / "z.npy"),
                  "--size", "4096x4096", "--out", str(tmp_path / "big.png")]  # fmt: skip
+    # A shell's background job (CI runners, nohup ... &) starts with SIGINT ignored, which Python then keeps:
+    # give the command the default disposition, as a terminal's foreground job has.
     process = subprocess.Popen([sys.executable, "-m", "jobs.cli", *arguments], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 120
     for line in process.stdout:  # blocks until the command says it is extrapolating
         if line.startswith("extrapolating in"):
