@@ -174,13 +174,16 @@ def test_an_interrupted_command_ends_with_one_line(
     process = subprocess.Popen([sys.executable, "-m", "jobs.cli", *arguments], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
-    deadline = time.monotonic() + 120
-    for line in process.stdout:  # blocks until the command says it is extrapolating
-        if line.startswith("extrapolating in"):
-            break
-        assert time.monotonic() < deadline
-    process.send_signal(getattr(signal, signal_name))
-    _, error = process.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        for line in process.stdout:  # blocks until the command says it is extrapolating
+            if line.startswith("extrapolating in"):
+                break
+            assert time.monotonic() < deadline
+        process.send_signal(getattr(signal, signal_name))
+        _, error = process.communicate(timeout=120)
+    finally:
+        process.kill()  # a command that did not stop must not decode on after a failed test
     assert process.returncode == code, error
     assert "Traceback" not in error
     assert error.strip().splitlines()[-1].startswith("infgen decode: interrupted")
