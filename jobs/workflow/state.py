@@ -111,21 +111,20 @@ def load_state_on_cluster(address: str, run_dir: str) -> RunState:
                        f"{log.getvalue()}")  # fmt: skip
 
 
-def orchestrator_job(client, run_dir: str):
-    """The newest orchestrator job on this cluster that writes `run_dir` (JobDetails), or None."""
-    jobs = [job for job in client.list_jobs() if (job.metadata or {}).get("infgen_run_dir") == run_dir
-            and (job.metadata or {}).get("infgen_role") == "orchestrator"]  # fmt: skip
+def orchestrator_job(client, run_dir: str | None = None, workflow: str | None = None):
+    """The newest orchestrator job on this cluster that writes `run_dir` (or runs the workflow called
+    `workflow`), as Ray's JobDetails, or None."""
+    wanted = {"infgen_role": "orchestrator", "infgen_run_dir": run_dir, "infgen_workflow": workflow}
+    wanted = {key: value for key, value in wanted.items() if value is not None}
+    jobs = [job for job in client.list_jobs()
+            if all((job.metadata or {}).get(key) == value for key, value in wanted.items())]  # fmt: skip
     return max(jobs, key=lambda job: job.start_time or 0) if jobs else None
 
 
 def run_dir_of_workflow(client, name: str) -> str | None:
     """The run directory of the newest orchestrator job of the workflow called `name` on this cluster."""
-    jobs = [job for job in client.list_jobs() if (job.metadata or {}).get("infgen_workflow") == name
-            and (job.metadata or {}).get("infgen_role") == "orchestrator"]  # fmt: skip
-    if not jobs:
-        return None
-    newest = max(jobs, key=lambda job: job.start_time or 0)
-    return newest.metadata.get("infgen_run_dir")
+    job = orchestrator_job(client, workflow=name)
+    return job.metadata.get("infgen_run_dir") if job else None
 
 
 def stage_progress(tracking_uri: str, run_id: str) -> tuple[str, dict[str, float]]:
