@@ -7,6 +7,7 @@ import os
 import sys
 
 from jobs.stage_environment import FIXED_ENVIRONMENT, stage_environment
+from pipelines.common.ray_job import JOB_CONFIG_VARIABLE
 
 # Inherited by the Ray workers this driver starts: no phoning home from a job (jobs/stage_environment.py).
 OFFLINE_ENVIRONMENT = FIXED_ENVIRONMENT
@@ -20,7 +21,7 @@ def connect_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    inside_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    inside_ray_job = JOB_CONFIG_VARIABLE in os.environ
     if address is None:
         # An embedded cluster lives and dies with this process, on this machine: token auth only gets in the
         # way of its own workers (environment.md). Clusters keep whatever their operators chose.

@@ -70,6 +70,31 @@ def test_a_lock_whose_holder_was_killed_is_taken_over(tmp_path, capsys):
     assert f"taking over the lock of finished process {holder.pid}" in capsys.readouterr().out
 
 
+def test_a_lock_held_by_a_ray_job_names_the_job_to_stop(tmp_path):
+    """A second copy of a stage submitted as a Ray job is refused at once, naming the first one's job."""
+    lock = tmp_path / "_LOCK"
+    code = (
+        f"from pipelines.common.run_lock import RunLock\nRunLock({str(lock)!r}).__enter__()\n"
+        "print('held', flush=True)\ninput()"
+    )
+    job_config = json.dumps({"metadata": {"job_submission_id": "infgen-demo-stage1-0123abcd"}})
+    environment = {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": job_config}
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=environment)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert json.loads(lock.read_text())["ray_job"] == "infgen-demo-stage1-0123abcd"
+        with pytest.raises(StageError) as refused:
+            RunLock(str(lock)).__enter__()
+        message = str(refused.value)
+        assert f"process {holder.pid}" in message
+        assert "Ray job infgen-demo-stage1-0123abcd" in message
+        assert "ray job stop infgen-demo-stage1-0123abcd" in message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 # --- claiming an output --------------------------------------------------------------------------------
 def test_an_output_is_claimed_once_and_resource_settings_may_change(tmp_path):
     wanted = {"config": {"seed": 0, "encoders": 2, "sizes": (64, 64)}, "inputs": [{"shard": "00000.parquet"}]}

@@ -27,8 +27,6 @@ job it waits for and records the stage and the workflow's MLflow runs as stopped
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -40,18 +38,11 @@ from jobs.workflow.spec import StageSpec, WorkflowSpec, load_workflow, stage_opt
 from jobs.workflow.tracking import WorkflowTracking
 from pipelines.common.errors import StageError
 from pipelines.common.files import absolute
+from pipelines.common.ray_job import own_submission_id
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def own_submission_id() -> str | None:
-    """This process's Ray job submission id, when it is a Ray job's driver."""
-    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not config:
-        return None
-    return (json.loads(config).get("metadata") or {}).get("job_submission_id")
 
 
 def _error_text(error: BaseException) -> str:

@@ -3,9 +3,10 @@ for two img2dataset runs; our stages' records and part files would mix the same 
 
 Local paths are locked atomically: the lock file is held with an exclusive `flock` for as long as the run
 lasts, so two processes can never both hold it, and the kernel lets go of it when its holder dies, however it
-died. The file also names its holder (host, pid) for the messages. Object stores (s3://, gs://) have no
-locks: there the file is checked, then written, which narrows the race without closing it; run one writer per
-output there (the workflow does).
+died. The file also names its holder (host, pid, and the Ray job it is the driver of) for the messages: a
+second copy of a stage submitted as a Ray job refuses at once, naming the job to stop. Object stores (s3://,
+gs://) have no locks: there the file is checked, then written, which narrows the race without closing it; run
+one writer per output there (the workflow does).
 """
 
 from __future__ import annotations
@@ -18,10 +19,25 @@ import socket
 import fsspec
 
 from pipelines.common.errors import StageError
+from pipelines.common.ray_job import own_submission_id
 
 
 def _holder() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    holder = {"host": socket.gethostname(), "pid": os.getpid()}
+    job = own_submission_id()
+    if job:
+        holder["ray_job"] = job
+    return holder
+
+
+def _named(holder: dict, where: str) -> str:
+    """Who holds a lock, as the messages say it: process 123 on HOST (Ray job ID: how to stop it)."""
+    job = (
+        f" (Ray job {holder['ray_job']}: `ray job stop {holder['ray_job']}` ends it)"
+        if holder.get("ray_job")
+        else ""
+    )
+    return f"process {holder.get('pid', '?')} on {where}{job}"
 
 
 def _alive(pid: int) -> bool:
@@ -43,12 +59,12 @@ def _refuse_if_held(path: str, holder: dict) -> None:
         return
     if holder.get("host") != socket.gethostname():
         raise StageError(
-            f"{path} is held by pid {holder.get('pid')} on {holder.get('host')}; if that run is dead, delete "
-            "the lock file and rerun"
+            f"{path} is held by {_named(holder, holder.get('host'))}; if that run is dead, delete the lock "
+            "file and rerun"
         )
     pid = int(holder.get("pid", 0))
     if pid != os.getpid() and _alive(pid):
-        raise StageError(f"{path} is held by running process {pid} on this host")
+        raise StageError(f"{path} is held by running {_named(holder, 'this host')}")
 
 
 class RunLock:
@@ -86,10 +102,8 @@ class RunLock:
             except BlockingIOError:
                 holder = self._read(descriptor)
                 os.close(descriptor)
-                raise StageError(
-                    f"{self.path} is held by running process {holder.get('pid', '?')} on "
-                    f"{holder.get('host', 'this host')}"
-                ) from None
+                where = holder.get("host", "this host")
+                raise StageError(f"{self.path} is held by running {_named(holder, where)}") from None
             # The file may have been unlinked by its last holder between our open and our flock: then we hold
             # a lock on a file nobody else will see. Start again on the file the path names now.
             try:
