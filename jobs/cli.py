@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"infgen {name}: error: {getattr(error, 'cause', None) or error}", file=sys.stderr)
         return 2
     except StageError as error:
-        print(f"infgen {name}: stopped: {error}", file=sys.stderr)
+        # A stage's own reason, also when raised in a Ray task or actor (a damaged shard): the cause alone.
+        print(f"infgen {name}: stopped: {getattr(error, 'cause', None) or error}", file=sys.stderr)
         return 1
     except RuntimeError as error:
         from jobs.ray_jobs import JobFailed

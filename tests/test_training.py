@@ -183,6 +183,7 @@ def test_bad_latents_stop_with_the_batch_named(embedded_latents, tmp_path):
 
     latents = tmp_path / "latents"
     shutil.copytree(embedded_latents["latents"], latents)
+    (latents / "manifest.json").unlink()  # rewritten shards no manifest vouches for: only the NaNs stop it
     for shard in sorted(latents.glob("*.parquet")):
         table = pq.read_table(shard)
         values = table.column("latent").combine_chunks()

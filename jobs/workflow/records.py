@@ -5,8 +5,11 @@ A record holds the stage's command line (`arguments`, for people and for Ray job
 it reads) and the hash of its own output. A stage is up to date when all three still match.
 
 A stage's output hash is the sha256 of OUTPUT/manifest.json once its status is "complete", provided every
-file the manifest vouches for (`checksums`, e.g. training's final decoder) still has the recorded bytes; a
-missing, unfinished or tampered output has none. Every stage is treated alike: there is no per-command case.
+file the manifest vouches for still holds what it recorded: the few files in `checksums` (e.g. training's
+final decoder) are hashed again, the shards in `shard_files` (pipelines/common/shard_integrity.py) are only
+listed (missing or resized), since re-hashing a 160 GB latent folder on every rerun would cost more than the
+stage. A missing, unfinished or damaged output has none, so the stage reruns and redoes what is damaged. Every
+stage is treated alike: there is no per-command case.
 
 While a stage runs its record says "running", with its MLflow run (`mlflow_run_id`, opened before the stage
 starts) and, for a Ray job, the job's `submission_id` and the dashboard it went to (`ray_address`), written
@@ -30,6 +33,7 @@ from jobs.options import add_arguments, from_namespace, output_defining
 from jobs.registry import COMMANDS
 from jobs.workflow.spec import StageSpec, WorkflowSpec, stage_arguments, stage_output
 from pipelines.common.files import exists, file_sha256, write_json
+from pipelines.common.shard_integrity import output_damage
 
 RECORD_VERSION = 1
 RUN_RECORD = "_run.json"  # not a stage's: stage names start with a letter or digit
@@ -41,7 +45,7 @@ def text_hash(values) -> str:
 
 def output_hash(output: str) -> str | None:
     """sha256 of the output's manifest, None when the stage has not finished there (or a file the manifest
-    vouches for has changed since)."""
+    vouches for has changed since, or a shard it lists is missing or resized)."""
     filesystem, local = fsspec.core.url_to_fs(f"{output.rstrip('/')}/manifest.json")
     if not filesystem.exists(local):
         return None
@@ -53,6 +57,8 @@ def output_hash(output: str) -> str | None:
         path = f"{output.rstrip('/')}/{relative}"
         if not exists(path) or file_sha256(path) != digest:
             return None
+    if output_damage(output, manifest):
+        return None
     return hashlib.sha256(content).hexdigest()
 
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from pipelines.common.files import resolve_inputs
 from pipelines.common.latent_record import read_latent_record
+from pipelines.common.shard_integrity import check_shards
 
 
 def is_held_out(key: str, fraction: float, seed: int) -> bool:
@@ -42,7 +43,9 @@ def held_out_images(images: str, latents: str | None, max_images: int) -> list[d
             "on; rerun it with --holdout-fraction > 0, or evaluate on a separate ingest without --latents"
         )
     chosen: list[dict] = []
-    for shard in resolve_inputs([images], "images"):
+    shards = resolve_inputs([images], "images")
+    check_shards(images)  # a missing or truncated shard: one line naming it, before anything is read
+    for shard in shards:
         with fsspec.open(shard, "rb") as handle:
             keys = pq.read_table(handle, columns=["key"]).column("key").to_pylist()
         for row, key in enumerate(keys):

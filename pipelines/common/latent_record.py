@@ -23,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipelines.common.files import read_json
+from pipelines.common.shard_integrity import check_shards
 
 RECORD_NAME = "latents.json"
 
@@ -101,7 +102,9 @@ def geometry(vae: str | None, vae_label: str, latent_shape, scaling_factor: floa
 
 
 def read_latent_record(latents: str) -> LatentRecord:
-    """The geometry of the latents in folder `latents`; a clear error when the stage never finished there."""
+    """The geometry of the latents in folder `latents`; a clear error when the stage never finished there,
+    or when one of its shards is missing or has another size than the stage recorded (one listing, on the
+    driver of every stage that reads latents, before any worker starts)."""
     path = record_path(latents)
     record = read_json(path, "latent stage record")
     found = record.get("geometry")
@@ -110,6 +113,7 @@ def read_latent_record(latents: str) -> LatentRecord:
             f"latent stage record {path} has no geometry: the latent stage has not finished there (or wrote "
             "it with an older version); rerun `infgen latents` with the same options to complete it"
         )
+    check_shards(latents)
     config = record["config"]
     return LatentRecord(
         path=latents.rstrip("/"),

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.common.latent_shards import is_latent_shard, read_latents
+from pipelines.common.shard_integrity import read_verified, shard_records
 
 LATENT_FILE_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".parquet")
 # Keys under which DiT/SiT/MDT/MaskDiT/FiT sampling scripts (and our own tools) store their samples.
@@ -64,8 +66,8 @@ def load_latent_file(path: str, channels: int, max_items: int | None = None) -> 
 
 def _read_array(path: str, suffix: str) -> np.ndarray:
     if suffix == ".parquet":
-        with fsspec.open(path, "rb") as handle:
-            table = pq.read_table(handle)
+        # One of our latent shards is checked against its stage's record, when a manifest beside it has one.
+        table = pq.read_table(pa.BufferReader(read_verified(path, shard_records(path.rsplit("/", 1)[0]))))
         if is_latent_shard(table.schema):
             return read_latents(table)  # our own latent shards
         raise ValueError("Parquet latents need our latent-shard layout (a 'latent' column + 'latent_shape')")

@@ -6,10 +6,13 @@
     OUTPUT/download/NNNNN_stats.json            img2dataset's per-shard stats: marks a shard downloaded
     OUTPUT/images/NNNNN.parquet                 the dataset: verified images with their metadata
     OUTPUT/rejects/NNNNN.parquet                rows of a shard that were not kept, with reasons (no bytes)
+    OUTPUT/verified/NNNNN.json                  the verification's record of a shard: counts, and the sha256
+                                                and bytes of its images/ and rejects/ files (written last)
     OUTPUT/manifest.json                        inputs, config, code version, counts; beside the shards
     OUTPUT/_LOCK                                held while a run writes here
 
-The manifest is not inside download/: img2dataset treats every *.json there as a finished shard's stats.
+The manifest is not inside download/: img2dataset treats every *.json there as a finished shard's stats. The
+records are not inside images/: readers take every file there for a shard (pyarrow's dataset discovery does).
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class IngestLayout:
         return self.path("rejects")
 
     @property
+    def verified(self) -> str:
+        return self.path("verified")
+
+    @property
     def manifest(self) -> str:
         return self.path("manifest.json")
 
@@ -58,5 +65,5 @@ class IngestLayout:
 
     def make_directories(self) -> None:
         filesystem = self.filesystem()
-        for directory in (self.selection, self.download, self.images, self.rejects):
+        for directory in (self.selection, self.download, self.images, self.rejects, self.verified):
             filesystem.makedirs(fsspec.core.url_to_fs(directory)[1], exist_ok=True)

@@ -7,15 +7,15 @@ from collections.abc import Callable
 from pipelines.common.errors import StageError
 from pipelines.common.files import code_version, file_sha256, read_json
 from pipelines.ingest.config import IngestConfig
-from pipelines.ingest.stage import MANIFEST_VERSION
+from pipelines.ingest.stage import READABLE_VERSIONS
 
 
 def load_manifest(path: str) -> dict:
     manifest = read_json(path, "manifest")
-    if manifest.get("manifest_version") != MANIFEST_VERSION:
+    if manifest.get("manifest_version") not in READABLE_VERSIONS:
         raise ValueError(
             f"manifest {path} has version {manifest.get('manifest_version')}; "
-            f"this code reads {MANIFEST_VERSION}"
+            f"this code reads {', '.join(map(str, READABLE_VERSIONS))}"
         )
     return manifest
 

@@ -4,7 +4,10 @@ The selection and the verification catch-up run as plain Ray tasks, one per work
 arguments; only compact ids and counts come back to the driver. Every step is resumable: the selection is
 reused when its fingerprint matches, img2dataset skips finished shards, and verification skips shards whose
 `images/` file exists. Rerunning the same command after a crash finishes the job; nothing finished is redone
-and keys never change.
+and keys never change. A verified shard whose images/ or rejects/ file has gone missing or changed size since
+(checked against its record in verified/, one listing) is verified again from its raw download, or downloaded
+again when that is gone; the other shards stay. The manifest lists every shard file's sha256 and size
+(`shard_files`, pipelines/common/shard_integrity.py) for the stages that read them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import ray
 from pipelines.common.errors import StageError
 from pipelines.common.files import absolute, file_sha256, read_json, resolve_inputs, write_json
 from pipelines.common.run_lock import RunLock
+from pipelines.common.shard_integrity import file_record, file_sizes, shard_files
 from pipelines.common.stage_output import finish_stage, manifest_header
 from pipelines.common.tracking import PROGRESS_INTERVAL_S, StageTracking, report_progress
 from pipelines.ingest import selection as select
@@ -35,7 +39,9 @@ from pipelines.ingest.download import SHARD_DIGITS, img2dataset_arguments, run_d
 from pipelines.ingest.layout import IngestLayout
 from pipelines.ingest.verification import VerifyingResizer, verify_shard
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: shard_files; version 1 manifests are still read (their shards are not checked)
+READABLE_VERSIONS = (1, 2)
+STAGE = "ingest"
 Progress = Callable[[str], None]
 
 
@@ -46,6 +52,7 @@ def _spread_task(function: Callable) -> ray.remote_function.RemoteFunction:
 
 
 _checksum_task = _spread_task(file_sha256)
+_record_task = _spread_task(file_record)
 _classify_task = _spread_task(select.classify_unit)
 _write_part_task = _spread_task(select.write_unit_selection)
 
@@ -66,11 +73,13 @@ def run_ingest(
     with RunLock(layout.lock):
         inputs = checksum_inputs(paths)
         record = run_selection(inputs, layout, config, progress)
+        discard_damaged_shards(layout, progress)
         download_selection(record, layout, config, progress)
         run_verification(layout, config, progress)
         outcomes = collect_outcomes(layout)
         manifest = build_manifest(inputs, source, config, record, outcomes, started)
-        finish_stage("ingest", layout.root, manifest, tracking, progress)
+        manifest["shard_files"] = recorded_shard_files(layout, outcomes)
+        finish_stage(STAGE, layout.root, manifest, tracking, progress)
     counts = manifest["counts"]
     progress(
         f"ingest: kept {counts['buckets']['kept']} of {counts['input_rows']} rows; manifest {layout.manifest}"
@@ -197,6 +206,7 @@ def verify_downloaded_shard(shard_id: int, config: IngestConfig, layout: IngestL
         min_pixels=config.filters.min_pixels,
         max_pixels=config.verify.max_pixels,
         row_group_rows=config.verify.row_group_rows,
+        records_dir=layout.verified,
     )
     if not config.verify.keep_download_shards:
         filesystem, local = fsspec.core.url_to_fs(raw)
@@ -281,6 +291,54 @@ def _extra_columns(layout: IngestLayout, record: dict) -> list[str]:
         return []
     with fsspec.open(layout.path("selection", record["parts"][0]), "rb") as handle:
         return pq.ParquetFile(handle).schema_arrow.names
+
+
+def discard_damaged_shards(layout: IngestLayout, progress: Progress) -> None:
+    """Undo the verification of every shard whose images/ or rejects/ file is missing or has another size
+    than its record says (one listing per folder, nothing read): its files and record go, and its download
+    stats too when the raw shard is gone, so that img2dataset downloads it again (it skips shards with
+    stats) and verification splits it again. The other shards stay as they are."""
+    filesystem = layout.filesystem()
+    sizes = {folder: file_sizes(layout.path(folder)) for folder in ("images", "rejects", "download")}
+    records = {}
+    for path in filesystem.glob(fsspec.core.url_to_fs(layout.verified)[1] + "/*.json"):
+        records[path.rsplit("/", 1)[-1].removesuffix(".json")] = json.loads(filesystem.cat_file(path))
+    for stats in sorted(sizes["download"]):
+        if not stats.endswith("_stats.json"):
+            continue
+        stem = stats.removesuffix("_stats.json")
+        name, record = f"{stem}.parquet", records.get(stem)
+        if record is not None:
+            damaged = [relative for relative, file in record["files"].items()
+                       if sizes[relative.split("/")[0]].get(name) != file["bytes"]]  # fmt: skip
+        else:  # not verified yet, or verified before records existed: only a missing images file is known
+            damaged = [] if name in sizes["images"] or name in sizes["download"] else [f"images/{name}"]
+        if not damaged:
+            continue
+        for folder, file in (("images", name), ("rejects", name), ("verified", f"{stem}.json")):
+            local = fsspec.core.url_to_fs(layout.path(folder, file))[1]
+            if filesystem.exists(local):
+                filesystem.rm_file(local)
+        again = "verifying it again"
+        if name not in sizes["download"]:  # the raw shard was dropped once verified
+            filesystem.rm_file(fsspec.core.url_to_fs(layout.path("download", stats))[1])
+            again = "downloading it again"
+        damage = ", ".join(damaged)
+        progress(f"ingest: shard {name}: {damage} missing or resized since it was verified; {again}")
+
+
+def recorded_shard_files(layout: IngestLayout, outcomes: Outcomes) -> dict:
+    """The manifest's shard_files: every shard's images/ and rejects/ records from verified/; the files of
+    shards verified before records existed are hashed now, by Ray tasks where the data is."""
+    filesystem = layout.filesystem()
+    records = {}
+    for path in filesystem.glob(fsspec.core.url_to_fs(layout.verified)[1] + "/*.json"):
+        records.update(json.loads(filesystem.cat_file(path))["files"])
+    wanted = [f"{folder}/{shard['name']}" for shard in outcomes.shards for folder in ("images", "rejects")]
+    unrecorded = [relative for relative in wanted if relative not in records]
+    found = ray.get([_record_task.remote(layout.path(relative)) for relative in unrecorded])
+    records.update(zip(unrecorded, found))
+    return shard_files(STAGE, {relative: records[relative] for relative in wanted})
 
 
 def unverified_shards(layout: IngestLayout) -> tuple[list[int], int]:

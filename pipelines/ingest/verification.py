@@ -5,12 +5,14 @@ place of img2dataset's Resizer, so each image is decoded while the shard's other
 (as img2dataset's own OpenCV decode is) and the original bytes are kept. `verify_shard` then splits one raw
 shard into kept images (`images/NNNNN.parquet`) and rejects with their reasons (`rejects/NNNNN.parquet`, no
 bytes), so that every row of the shard lands in exactly one of the two; a success row that was not verified
-in flight (its size is missing) is decoded there.
+in flight (its size is missing) is decoded there. Each file's sha256 and size are taken as it is written and
+kept in `verified/NNNNN.json` (pipelines/ingest/layout.py), which the manifest's `shard_files` collects.
 """
 
 from __future__ import annotations
 
 import io
+import json
 
 import fsspec
 import numpy as np
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipelines.common.shard_integrity import write_parquet
 from pipelines.ingest.accounting import download_failure_reason
 
 IMAGE_COLUMN = "image"
@@ -72,12 +75,6 @@ def _image_format(data: bytes) -> str:
         return (image.format or "").lower()
 
 
-def _write(table: pa.Table, path: str, filesystem, row_group_rows: int) -> None:
-    with filesystem.open(path + ".tmp", "wb") as handle:
-        pq.write_table(table, handle, row_group_size=row_group_rows)
-    filesystem.mv(path + ".tmp", path)  # readers never see half a shard
-
-
 def verify_shard(
     raw_path: str,
     images_dir: str,
@@ -85,9 +82,11 @@ def verify_shard(
     min_pixels: int,
     max_pixels: int,
     row_group_rows: int = 64,
+    records_dir: str | None = None,
 ) -> dict:
     """Verify one raw shard; returns {"shard", "kept", "rejected"}. Writes rejects first, images last, so
-    the images shard's presence marks the shard done (resume checks for it)."""
+    the images shard's presence marks the shard done (resume checks for it); then, with `records_dir`, the
+    two files' records ({"shard", "kept", "rejected", "files": {"images/…", "rejects/…"}}) there."""
     filesystem, path = fsspec.core.url_to_fs(raw_path)
     with filesystem.open(path, "rb") as handle:
         raw = pq.read_table(handle)
@@ -138,6 +137,13 @@ def verify_shard(
 
     out_fs, images_root = fsspec.core.url_to_fs(images_dir)
     _, rejects_root = fsspec.core.url_to_fs(rejects_dir)
-    _write(reject_table, f"{rejects_root}/{name}", out_fs, row_group_rows)
-    _write(kept, f"{images_root}/{name}", out_fs, row_group_rows)
-    return {"shard": name, "kept": kept.num_rows, "rejected": reject_table.num_rows}
+    files = {f"rejects/{name}": write_parquet(reject_table, out_fs, f"{rejects_root}/{name}",
+                                              row_group_size=row_group_rows),
+             f"images/{name}": write_parquet(kept, out_fs, f"{images_root}/{name}",
+                                             row_group_size=row_group_rows)}  # fmt: skip
+    result = {"shard": name, "kept": kept.num_rows, "rejected": reject_table.num_rows}
+    if records_dir is not None:
+        _, records_root = fsspec.core.url_to_fs(records_dir)
+        record = f"{records_root}/{name.removesuffix('.parquet')}.json"
+        out_fs.pipe_file(record, json.dumps({**result, "files": files}).encode())
+    return result

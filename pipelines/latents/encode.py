@@ -2,7 +2,9 @@
 
 A latent shard `NNNNN.parquet` (same name as its images shard) has the format of
 pipelines/common/latent_shards.py, one row per sample. `NNNNN_stats.json` is written last and marks the shard
-done.
+done; its `file` is the shard's record (sha256 and bytes, hashed as it was written), which the manifest lists
+and a resume checks (pipelines/common/shard_integrity.py). The images shard is read whole and checked against
+the ingest stage's record of it before anything is decoded.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from pipelines.common.crops import CropSample, crop_pair, decode_rgb, plan_crops
 from pipelines.common.holdout import is_held_out
 from pipelines.common.latent_shards import SAMPLE_COLUMNS, latent_schema
+from pipelines.common.shard_integrity import ShardRecords, read_verified, write_parquet
 from pipelines.latents.config import LatentConfig
 
 DECODE_THREADS = 2
@@ -74,11 +77,15 @@ def _encode_batch(vae, batch: list) -> np.ndarray:
     return (mean.cpu() + std.cpu() * noise).numpy()
 
 
-def encode_shard(images_path: str, output_dir: str, vae, vae_source: str, config: LatentConfig) -> dict:
+def encode_shard(images_path: str, output_dir: str, vae, vae_source: str, config: LatentConfig,
+                 image_records: ShardRecords | None = None) -> dict:  # fmt: skip
+    """`image_records`: the ingest stage's records of the images shards (None: nothing to check against)."""
     started = time.time()
     filesystem, local = fsspec.core.url_to_fs(images_path)
-    with filesystem.open(local, "rb") as handle:
-        images = pq.read_table(handle, columns=["key", "image", "width", "height"])
+    # Read whole (the image bytes are nearly all of it anyway): the bytes checked are the bytes decoded.
+    data = read_verified(local, image_records, filesystem)
+    images = pq.read_table(pa.BufferReader(data), columns=["key", "image", "width", "height"])
+    del data
     name = local.rsplit("/", 1)[-1]
     skipped: Counter = Counter()
     rows: dict[str, list] = {column: [] for column, _ in SAMPLE_COLUMNS}
@@ -108,10 +115,9 @@ def encode_shard(images_path: str, output_dir: str, vae, vae_source: str, config
     table = pa.Table.from_arrays(columns, schema=schema)
 
     out_fs, out_root = fsspec.core.url_to_fs(output_dir)
-    with out_fs.open(f"{out_root}/{name}.tmp", "wb") as handle:
-        pq.write_table(table, handle, row_group_size=256)
-    out_fs.mv(f"{out_root}/{name}.tmp", f"{out_root}/{name}")
+    record = write_parquet(table, out_fs, f"{out_root}/{name}", row_group_size=256)
     stats = {"shard": name, "images": images.num_rows, "samples": table.num_rows, "skipped": dict(skipped)}
+    stats["file"] = record
     stats["images_used"] = images.num_rows - sum(skipped.values())
     # Wall-clock span and worker: where a run's time went (actor start-up, an idle tail, a slow node).
     stats.update(started=round(started, 3), finished=round(time.time(), 3), worker=socket.gethostname(),
@@ -123,15 +129,17 @@ def encode_shard(images_path: str, output_dir: str, vae, vae_source: str, config
 class ShardEncoder:
     """Ray Data actor: loads the frozen VAE once, then encodes whole shards (one per call)."""
 
-    def __init__(self, config: LatentConfig, output_dir: str, threads: int = 1):
+    def __init__(self, config: LatentConfig, output_dir: str, threads: int = 1,
+                 image_records: ShardRecords | None = None):  # fmt: skip
         from pipelines.common.vae_source import load_frozen_vae
 
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.vae, self.vae_source = load_frozen_vae(config.vae, device)
-        self.config, self.output_dir = config, output_dir
+        self.config, self.output_dir, self.image_records = config, output_dir, image_records
 
     def __call__(self, batch: dict) -> dict:
-        results = [encode_shard(str(path), self.output_dir, self.vae, self.vae_source, self.config)
+        results = [encode_shard(str(path), self.output_dir, self.vae, self.vae_source, self.config,
+                                self.image_records)
                    for path in batch["path"]]  # fmt: skip
         return {"stats": np.array([json.dumps(result) for result in results])}

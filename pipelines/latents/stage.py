@@ -1,8 +1,11 @@
 """The latent stage: ingest image shards → latent shards, on a Ray Data actor pool (one frozen VAE each).
 
 One latent shard per image shard, under the same name, so the trainer finds each sample's source image and a
-rerun skips every shard whose `NNNNN_stats.json` exists. The manifest accounts for every input image: used
-(with `samples_per_image` samples) or skipped with a reason. When the shards are done the stage completes its
+rerun skips every shard whose `NNNNN_stats.json` exists and whose file still has the size recorded there (a
+missing or truncated shard is encoded again, alone). The ingest's image shards are checked against its
+manifest before anything is encoded. The manifest accounts for every input image: used (with
+`samples_per_image` samples) or skipped with a reason, and lists every shard's sha256 and size
+(`shard_files`, pipelines/common/shard_integrity.py). When the shards are done the stage completes its
 record, latents.json, with the geometry every later stage reads (pipelines/common/latent_record.py).
 """
 
@@ -16,6 +19,7 @@ from collections.abc import Callable
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 
 from pipelines.common.actor_pool import map_with_actor_pool
 from pipelines.common.crops import target_sizes
@@ -23,12 +27,14 @@ from pipelines.common.files import absolute, fresh_filesystem, resolve_inputs, w
 from pipelines.common.latent_record import RECORD_NAME, geometry, record_path
 from pipelines.common.latent_shards import latent_shape, read_latents
 from pipelines.common.run_lock import RunLock
+from pipelines.common.shard_integrity import check_shards, file_record, file_sizes, shard_files
 from pipelines.common.stage_output import claim_output, finish_stage, manifest_header
 from pipelines.common.tracking import StageTracking, report_progress
 from pipelines.latents.config import LatentConfig
 from pipelines.latents.encode import ShardEncoder
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: shard_files (version 1 manifests are still read: their shards are not checked)
+STAGE = "latents"
 
 
 def _rows(path: str) -> int:
@@ -45,6 +51,7 @@ def run_latents(
 ) -> dict:
     images, output = absolute(images), absolute(output)  # the actors do not share the driver's directory
     shards = resolve_inputs([images], "images")  # a missing or empty folder fails here, before any write
+    image_records = check_shards(images, "latents input")  # so does a missing or truncated image shard
     inputs = [{"shard": path.rsplit("/", 1)[-1], "rows": _rows(path)} for path in shards]
     filesystem, root = fsspec.core.url_to_fs(output)
     filesystem.makedirs(root, exist_ok=True)
@@ -54,14 +61,12 @@ def run_latents(
         wanted = {"config": config.to_dict(), "inputs": inputs}
         refused = "latents made from other images or another config"
         record = claim_output(out, RECORD_NAME, wanted, config.RESOURCE_FIELDS, refused)
-        done = {
-            p.rsplit("/", 1)[-1].removesuffix("_stats.json") for p in filesystem.glob(f"{root}/*_stats.json")
-        }
+        done = _finished_shards(filesystem, root, file_sizes(out), progress)
         todo = [path for path in shards if path.rsplit("/", 1)[-1].removesuffix(".parquet") not in done]
         progress(f"latents: {len(shards)} image shard(s), {len(todo)} to encode, {len(done)} done earlier")
         if todo:
-            rows = map_with_actor_pool([{"path": p} for p in todo], ShardEncoder, config.encoders,
-                                       {"config": config, "output_dir": output},
+            encoder = {"config": config, "output_dir": output, "image_records": image_records}
+            rows = map_with_actor_pool([{"path": p} for p in todo], ShardEncoder, config.encoders, encoder,
                                        memory_gib=config.encoder_memory_gib)  # fmt: skip
             for encoded, row in enumerate(rows, start=1):
                 stats = json.loads(row["stats"])
@@ -73,13 +78,39 @@ def run_latents(
                 )
         filesystem, root = fresh_filesystem(output)  # the actors wrote the shards: forget older listings
         encoded_by = _encoded_by(filesystem, root, inputs)
-        manifest = _manifest(filesystem, root, inputs, config, encoded_by, time.perf_counter() - started)
+        manifest = _manifest(filesystem, root, out, inputs, config, encoded_by, time.perf_counter() - started)
         if manifest["status"] == "complete":
             # Only now is the geometry known for sure (the VAE's channels and scaling come from the shards).
             write_json(record_path(out), {**record, "geometry": _geometry(out, config, *encoded_by)})
-        finish_stage("latents", out, manifest, tracking, progress)
+        finish_stage(STAGE, out, manifest, tracking, progress)
     progress(f"latents: {manifest['counts']['samples']} samples from {manifest['counts']['images']} images")
     return manifest
+
+
+def _finished_shards(filesystem, root: str, sizes: dict[str, int], progress: Callable[[str], None]) -> set:
+    """Stems of the shards a previous run finished: a stats file, and the shard beside it with the size the
+    stats recorded (`sizes`: one listing). The stats of a missing or resized shard are removed, so it is
+    encoded again; stats written before shards were recorded vouch for a shard that exists."""
+    done = set()
+    for path in sorted(filesystem.glob(f"{root}/*_stats.json")):
+        stem = path.rsplit("/", 1)[-1].removesuffix("_stats.json")
+        recorded = json.loads(filesystem.cat_file(path)).get("file")
+        size = sizes.get(f"{stem}.parquet")
+        if size is not None and (recorded is None or recorded["bytes"] == size):
+            done.add(stem)
+            continue
+        found = "missing" if size is None else f"{size} bytes, {recorded['bytes']} when written"
+        progress(f"latents: shard {stem}.parquet is {found}: encoding it again")
+        filesystem.rm_file(path)
+    return done
+
+
+def _shard_files(out: str, records: dict[str, dict], unrecorded: list[str]) -> dict:
+    """The manifest's shard_files: the records the encoders left in the stats, and for shards encoded before
+    records existed, their hashes now (by Ray tasks, where the data is, not on the driver)."""
+    hashing = ray.remote(file_record)
+    found = ray.get([hashing.remote(f"{out}/{name}") for name in unrecorded])
+    return shard_files(STAGE, {**records, **dict(zip(unrecorded, found))})
 
 
 def _encoded_by(filesystem, root: str, inputs: list[dict]) -> tuple[str, tuple, tuple[float, float] | None]:
@@ -105,13 +136,18 @@ def _geometry(out: str, config: LatentConfig, label: str, shape: tuple, scaling)
                     target_sizes(config.policy))  # fmt: skip
 
 
-def _manifest(filesystem, root: str, inputs: list[dict], config: LatentConfig, encoded_by: tuple,
+def _manifest(filesystem, root: str, out: str, inputs: list[dict], config: LatentConfig, encoded_by: tuple,
               seconds: float) -> dict:  # fmt: skip
     skipped: Counter = Counter()
     totals = Counter()
+    records, unrecorded = {}, []
     for entry in inputs:
         stem = entry["shard"].removesuffix(".parquet")
         stats = json.loads(filesystem.cat_file(f"{root}/{stem}_stats.json"))
+        if "file" in stats:
+            records[entry["shard"]] = stats["file"]
+        else:
+            unrecorded.append(entry["shard"])
         skipped.update(stats["skipped"])
         totals.update(images=stats["images"], images_used=stats["images_used"], samples=stats["samples"])
     counts = {"images": totals["images"], "images_used": totals["images_used"], "skipped": dict(skipped),
@@ -132,6 +168,7 @@ def _manifest(filesystem, root: str, inputs: list[dict], config: LatentConfig, e
         "counts": counts,
         "seconds": round(seconds, 1),
         "layout": {"latents": "NNNNN.parquet", "stats": "NNNNN_stats.json", "record": RECORD_NAME},
+        "shard_files": _shard_files(out, records, unrecorded),
     }
 
 

@@ -4,6 +4,10 @@ Every global batch has one target size (bucketed), and batch number g is a pure 
 "data position" in a checkpoint is just g, so a resumed run sees exactly the batches the uninterrupted run
 would have. Rank r takes its slice of each global batch. The ground truth is rebuilt from the source image
 and the stored crop box (pipelines/common/latent_shards.py).
+
+Both kinds of shard are checked against their stages' records (pipelines/common/shard_integrity.py): sizes
+when the batches are planned (the driver has checked them already, before Ray Train started), and each
+shard's sha256 when it is read whole into the cache.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from pipelines.common.crops import CropSample, crop_pair, decode_rgb
 from pipelines.common.latent_shards import read_latents
+from pipelines.common.shard_integrity import check_shards, read_verified
 
 PLAN_COLUMNS = ["key", "target_height", "target_width"]
 
@@ -39,6 +45,8 @@ class LatentBatches:
         cache_shards: int = 4,
         max_target_side: int | None = None,
     ):
+        self.latent_records = check_shards(latents_dir, "training latents")
+        self.image_records = check_shards(images_dir, "training images")
         filesystem, root = fsspec.core.url_to_fs(latents_dir)
         self.filesystem, self.latents_root = filesystem, root
         self.images_root = fsspec.core.url_to_fs(images_dir)[1]
@@ -108,10 +116,11 @@ class LatentBatches:
 
     def _shard(self, name: str):
         if name not in self.cache:
-            with self.filesystem.open(f"{self.latents_root}/{name}", "rb") as handle:
-                table = pq.read_table(handle)
-            with self.filesystem.open(f"{self.images_root}/{name}", "rb") as handle:
-                images = pq.read_table(handle, columns=["key", "image"])
+            # Read whole (as parsing would), checked, then parsed: the bytes checked are the bytes used.
+            latents = read_verified(f"{self.latents_root}/{name}", self.latent_records, self.filesystem)
+            table = pq.read_table(pa.BufferReader(latents))
+            images = read_verified(f"{self.images_root}/{name}", self.image_records, self.filesystem)
+            images = pq.read_table(pa.BufferReader(images), columns=["key", "image"])
             lookup = dict(zip(images.column("key").to_pylist(), range(images.num_rows)))
             self.cache[name] = (table, read_latents(table), images, lookup)
             while len(self.cache) > self.cache_shards:
