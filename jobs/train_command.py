@@ -16,8 +16,22 @@ from dataclasses import dataclass
 from jobs.context import RunContext
 from jobs.options import names_in, option, overrides
 
-# How the stage runs, not what it makes: changing these resumes (the config's own list).
-RESOURCE_FIELDS = names_in("pipelines.training.config", "TrainConfig.RESOURCE_FIELDS")
+# {option: the config field it overrides} for the options that replace one field of the preset.
+CONFIG_FIELDS = {
+    "workers": "num_workers",
+    "micro_batch_limit": "micro_batch_limit",
+    "max_failures": "max_failures",
+    "checkpoint_every": "checkpoint_every",
+    "warm_start": "warm_start",
+}
+
+
+def RESOURCE_FIELDS() -> tuple[str, ...]:  # noqa: N802 (the name every stage command gives its list)
+    """The options that set a resource field of the config (how the stage runs, not what it makes: changing
+    them resumes, and a workflow leaves them out of the stage's config hash)."""
+    from pipelines.training.config import TrainConfig
+
+    return tuple(option for option, field in CONFIG_FIELDS.items() if field in TrainConfig.RESOURCE_FIELDS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +56,21 @@ class TrainOptions:
         "default) or from random weights (none)",
     )
     steps: int | None = option(None, help="override the preset's number of steps")
-    workers: int | None = option(None, help="override the preset's number of workers")
+    workers: int | None = option(
+        None,
+        help="override the preset's number of workers (a resource: a rerun with another count resumes from "
+        "the last checkpoint, on the same global batches)",
+    )
+    micro_batch_limit: int | None = option(
+        None,
+        help="the most samples one worker decodes at once (default: no limit); above it the worker "
+        "accumulates gradients over several micro batches",
+    )
+    max_failures: int | None = option(
+        None,
+        help="worker errors (a lost worker or node) one run recovers from, each from the last checkpoint "
+        "(-1: no limit; default: the preset's)",
+    )
     checkpoint_every: int | None = option(None, help="override how often a checkpoint is reported (steps)")
     gan_start_step: int | None = option(
         None,
@@ -56,8 +84,7 @@ def build_config(options: TrainOptions):
     from pipelines.training.config import PRESETS
 
     # bad values fail here: before Ray starts, and when a workflow file loads (registry.Command.check)
-    fields = {"workers": "num_workers", "checkpoint_every": "checkpoint_every", "warm_start": "warm_start"}
-    config = dataclasses.replace(PRESETS[options.preset], **overrides(options, fields))
+    config = dataclasses.replace(PRESETS[options.preset], **overrides(options, CONFIG_FIELDS))
     if options.steps is not None:  # the GAN start keeps its fraction of the run unless given
         return config.with_steps(options.steps, options.gan_start_step)
     if options.gan_start_step is not None:

@@ -273,7 +273,8 @@ def test_stage2_continues_stage1_with_its_discriminator_optimizers_and_ema(stage
     optimizers' state), its own hyperparameters, an LR that does not warm up from zero again, and the GAN on
     from step 0 although its config says later (the discriminator is trained)."""
     run = stage1["storage"] / "stage1"
-    config = STAGE2_SMALL.with_gan_start(4)
+    # on 1 worker, stage 1 ran on 2: ZeRO 0 checkpoints load on any worker count, both engines' state whole
+    config = dataclasses.replace(STAGE2_SMALL, num_workers=1).with_gan_start(4)
     output = stage1["storage"] / "continued"
     manifest = run_training(
         config, stage1["latents"], stage1["images"], str(output), StageTracking(stage1["tracking"]),
@@ -325,7 +326,7 @@ def test_bad_starting_points_are_refused_naming_the_path_and_the_problem(stage1,
     bf16 = dataclasses.replace(STAGE2_SMALL, precision="bf16", zero_stage=1, num_workers=1, global_batch=2)
     decoder_config = model_config(bf16, read_latent_record(stage1["latents"]))
     expected = r"cannot continue that run: precision 'fp32' there, 'bf16' here; zero_stage 0 there, 1 here; "
-    with pytest.raises(ValueError, match=expected + r"ZeRO stage 1 .* it ran on 2, this run on 1"):
+    with pytest.raises(ValueError, match=expected[:-2] + "$"):  # its worker count (2, here 1) may differ
         check_compatible(continuation, bf16, decoder_config)
     with pytest.raises(ValueError, match="give one"):
         run_training(STAGE2_SMALL, stage1["latents"], stage1["images"], str(tmp_path / "both"),

@@ -147,3 +147,73 @@ def test_a_continued_run_starts_from_the_checkpoints_state_with_its_own_hyperpar
     assert build_engines(config).scheduler.get_last_lr()[0] == pytest.approx(5e-4 / 3)
     metrics = train_step(second, config, latents, truth, step=0, rank=0)
     assert metrics["lr"] == 5e-4 and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_the_global_batch_splits_into_equal_micro_batches_or_names_the_worker_counts_that_work():
+    from jobs.options import output_defining
+    from jobs.registry import COMMANDS
+    from jobs.train_command import TrainOptions
+    from pipelines.training.config import batch_split
+
+    assert batch_split(32, 8) == (4, 1) and batch_split(32, 8, micro_batch_limit=2) == (2, 2)
+    assert batch_split(32, 4, micro_batch_limit=3) == (2, 4)  # 8 a worker: the fewest micro batches of ≤ 3
+    assert batch_split(32, 32, micro_batch_limit=1) == (1, 1) and batch_split(6, 1, 4) == (3, 2)
+    with pytest.raises(ValueError, match="32 is not divisible by num_workers 3.*work: 1, 2, 4, 8, 16, 32$"):
+        dataclasses.replace(STAGE1, num_workers=3)
+    for bad, message in (({"micro_batch_limit": 0}, "micro_batch_limit must be ≥ 1"),
+                         ({"max_failures": -2}, "max_failures must be ≥ 0, or -1"),
+                         ({"num_workers": 0}, "num_workers must be ≥ 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(STAGE1, **bad)
+    assert dataclasses.replace(STAGE1, max_failures=-1).max_failures == -1  # Ray Train: no limit
+    assert STAGE1.max_failures == 3 and STAGE1_SMALL.max_failures == 1
+
+    # DeepSpeed's batch settings follow from the config: micro × accumulation × workers = global
+    limited = dataclasses.replace(STAGE1, micro_batch_limit=2).deepspeed_config()
+    assert (limited["train_micro_batch_size_per_gpu"], limited["gradient_accumulation_steps"]) == (2, 2)
+    assert limited["train_batch_size"] == 32 and "checkpoint" not in limited
+    assert STAGE1.deepspeed_config(load_universal=True)["checkpoint"] == {"load_universal": True}
+
+    # The worker count is a resource: a workflow's config hash leaves it out, so a change resumes the stage.
+    resources = COMMANDS["train"].resource_fields()
+    assert {"workers", "micro_batch_limit", "max_failures", "checkpoint_every"} <= set(resources)
+    options = TrainOptions(preset="stage1", latents="L", images="I", output="O", workers=4, max_failures=5)
+    assert output_defining(options, resources) == dict(preset="stage1", latents="L", images="I", output="O")
+
+
+def fp32_whole(**changes):
+    """fp32 ZeRO 0 on one rank, crops and windows covering the whole 64² targets: the loss is a mean over
+    samples, so one batch of 2 and two micro batches of 1 give the same gradient (up to float rounding)."""
+    config = STAGE1_SMALL.with_steps(4, gan_start_step=0)
+    loss = dataclasses.replace(config.loss, perceptual_crop=64)
+    return dataclasses.replace(config, num_workers=1, global_batch=2, train_window=None, loss=loss, **changes)
+
+
+def test_gradient_accumulation_steps_once_per_global_batch_and_skips_a_bad_micro_batch_whole(one_rank):
+    latents, truth = a_batch()
+    whole, split = fp32_whole(), fp32_whole(micro_batch_limit=1)
+    assert (whole.accumulation_steps, split.accumulation_steps, split.micro_batch) == (1, 2, 1)
+    one_pass, accumulated = build_engines(whole), build_engines(split)
+    for step in range(2):
+        a = train_step(one_pass, whole, latents, truth, step=step, rank=0)
+        b = train_step(accumulated, split, latents, truth, step=step, rank=0)
+        assert a["lr"] == b["lr"]  # the schedule moves once per step, not per micro batch
+        for name in ("total", "l1", "perceptual", "gan", "discriminator"):
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (step, name)
+    assert accumulated.generator.global_steps == accumulated.discriminator.global_steps == 2
+    for x, y in zip(accumulated.ema.parameters(), one_pass.ema.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+    # A NaN in the second micro batch: the first one's gradients are dropped, nothing moves, and the next
+    # step is exactly the step the run without the bad batch took.
+    faulty = build_engines(split)
+    assert train_step(faulty, split, latents, truth, step=0, rank=0) is not None
+    trained = (faulty.model, faulty.loss.discriminator, faulty.ema)
+    snapshot = [p.clone() for module in trained for p in module.parameters()]
+    assert train_step(faulty, split, latents, truth, step=1, rank=0, hooks=NonFiniteLossAt(1, part=1)) is None
+    assert all(torch.equal(a, b) for a, b in zip((p for m in trained for p in m.parameters()), snapshot))
+    assert all(p.grad is None for m in (faulty.model, faulty.loss.discriminator) for p in m.parameters())
+    assert faulty.generator.global_steps == 1
+    assert train_step(faulty, split, latents, truth, step=1, rank=0) == b  # b: `accumulated`'s step 1
+    assert same(list(faulty.model.parameters()), list(accumulated.model.parameters()))
+    assert same(list(faulty.ema.parameters()), list(accumulated.ema.parameters()))

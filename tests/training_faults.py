@@ -29,16 +29,17 @@ class FailOnceAt:
 
 
 class NonFiniteLossAt:
-    """Rank 0's loss is NaN at `step`, the other ranks' are not: the hard case for the skip."""
+    """The loss of micro batch `part` (0: rank 0's first) is NaN at `step`, the others' are not: the hard
+    case for the skip."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, part: int = 0):
+        self.step, self.part = step, part
 
     def before_step(self, step: int, rank: int, run_dir: str) -> None:
         pass
 
-    def loss(self, total, step: int, rank: int):
-        return total * float("nan") if step == self.step and rank == 0 else total
+    def loss(self, total, step: int, part: int):
+        return total * float("nan") if step == self.step and part == self.part else total
 
 
 class RecordStart:

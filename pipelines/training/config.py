@@ -32,6 +32,32 @@ class OptimizerConfig:
     gradient_clipping: float = 1.0
 
 
+def batch_split(global_batch: int, workers: int, micro_batch_limit: int | None = None) -> tuple[int, int]:
+    """(micro batch, accumulation steps) with micro batch × accumulation × workers = global batch: every
+    worker takes an equal share of each global batch, in as few micro batches as the limit allows. Shares
+    must be equal (DeepSpeed averages the workers' gradients with equal weights), so the worker count must
+    divide the global batch; the error names the counts that do."""
+    if workers < 1:
+        raise ValueError(f"num_workers must be ≥ 1, got {workers}")
+    if global_batch < 1:
+        raise ValueError(f"global_batch must be ≥ 1, got {global_batch}")
+    if micro_batch_limit is not None and micro_batch_limit < 1:
+        raise ValueError(f"micro_batch_limit must be ≥ 1 (or None: no limit), got {micro_batch_limit}")
+    if global_batch % workers:
+        counts = [count for count in range(1, global_batch + 1) if global_batch % count == 0]
+        raise ValueError(
+            f"global_batch {global_batch} is not divisible by num_workers {workers}: every worker takes an "
+            f"equal share of each batch; worker counts that work: {', '.join(map(str, counts))}"
+        )
+    share = global_batch // workers
+    accumulation = next(
+        steps
+        for steps in range(1, share + 1)
+        if share % steps == 0 and (micro_batch_limit is None or share // steps <= micro_batch_limit)
+    )
+    return share // accumulation, accumulation
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     stage: str = "stage1"
@@ -62,6 +88,12 @@ class TrainConfig:
     precision: str = "bf16"  # "bf16" or "fp32" ("fp16" is not supported on CPU, and bf16 is safer on GPU)
     zero_stage: int = 1
     num_workers: int = 8
+    # The most samples one worker decodes in one forward/backward (None: no limit). Above it, each worker
+    # accumulates gradients over several micro batches; the global batch, and so the training, stays the same.
+    micro_batch_limit: int | None = None
+    # Worker errors (a lost worker or node) Ray Train recovers from within one run, each time restarting the
+    # workers from the last checkpoint; -1: no limit, 0: the first error ends the run.
+    max_failures: int = 3
     use_gpu: bool = True
     checkpoint_every: int = 5_000
     log_every: int = 50  # MLflow metrics every this many steps
@@ -71,7 +103,11 @@ class TrainConfig:
     seed: int = 0
     mlflow_experiment: str = "infgen-train"
     # How the stage runs, not what it trains: a resume may change these (pipelines/common/stage_output.py).
-    RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "log_every", "print_every")
+    # The worker count among them: a checkpoint loads on another one (pipelines/training/resharding.py) and
+    # the global batch stays the same samples (`batch_split`).
+    RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "checkpoint_every", "log_every", "print_every", "num_workers", "micro_batch_limit", "max_failures",
+    )  # fmt: skip
 
     def __post_init__(self):
         if self.train_window is not None and self.train_window < 8:
@@ -80,10 +116,9 @@ class TrainConfig:
             raise ValueError(f"warm_start must be 'vae' or 'none', got {self.warm_start!r}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        if self.global_batch % self.num_workers:
-            raise ValueError(
-                f"global_batch {self.global_batch} is not divisible by num_workers {self.num_workers}"
-            )
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be ≥ 0, or -1 for no limit; got {self.max_failures}")
+        batch_split(self.global_batch, self.num_workers, self.micro_batch_limit)  # a clear error if none
         for name in ("steps", "checkpoint_every", "log_every", "print_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -97,7 +132,13 @@ class TrainConfig:
 
     @property
     def micro_batch(self) -> int:
-        return self.global_batch // self.num_workers
+        """Samples per worker per forward/backward."""
+        return batch_split(self.global_batch, self.num_workers, self.micro_batch_limit)[0]
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro batches per worker per optimizer step."""
+        return batch_split(self.global_batch, self.num_workers, self.micro_batch_limit)[1]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,8 +168,9 @@ class TrainConfig:
             self, steps=steps, loss=dataclasses.replace(self.loss, gan_start_step=gan_start_step)
         )
 
-    def deepspeed_config(self, discriminator: bool = False) -> dict:
-        """DeepSpeed's JSON for the generator (or the discriminator) engine."""
+    def deepspeed_config(self, discriminator: bool = False, load_universal: bool = False) -> dict:
+        """DeepSpeed's JSON for the generator (or the discriminator) engine. `load_universal`: the engine
+        will load a universal checkpoint (another worker count's, converted: training/resharding.py)."""
         optimizer = self.optimizer
         lr, betas = (
             (optimizer.discriminator_lr, optimizer.discriminator_betas)
@@ -137,7 +179,7 @@ class TrainConfig:
         )
         config = {
             "train_micro_batch_size_per_gpu": self.micro_batch,
-            "gradient_accumulation_steps": 1,
+            "gradient_accumulation_steps": self.accumulation_steps,
             "train_batch_size": self.global_batch,
             "gradient_clipping": optimizer.gradient_clipping,
             "zero_optimization": {"stage": self.zero_stage},
@@ -154,6 +196,8 @@ class TrainConfig:
             "steps_per_print": 10**9,  # progress is ours (and MLflow's)
             "wall_clock_breakdown": False,
         }
+        if load_universal:
+            config["checkpoint"] = {"load_universal": True}
         return config
 
 
@@ -164,7 +208,7 @@ STAGE2 = dataclasses.replace(
 # The same two stages at the test suite's scale: tiny model, 8×8 latents → ≤ 128² targets, 2 workers, fp32.
 STAGE1_SMALL = dataclasses.replace(
     STAGE1, stage="stage1-small", model_preset="tiny",
-    steps=12, global_batch=4, num_workers=2, use_gpu=False, precision="fp32", zero_stage=0,
+    steps=12, global_batch=4, num_workers=2, max_failures=1, use_gpu=False, precision="fp32", zero_stage=0,
     activation_checkpointing=False, checkpoint_every=4, log_every=1, print_every=10, train_window=96,
     ema_decay=0.9, optimizer=OptimizerConfig(peak_lr=1e-3, final_lr=5e-5, warmup_steps=2),
     loss=LossConfig(gan_start_step=6, perceptual_crop=32,

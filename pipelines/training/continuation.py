@@ -129,12 +129,7 @@ def compatibility_problems(continuation: Continuation, config, decoder_config) -
     for name in ("precision", "zero_stage"):  # DeepSpeed's checkpoint layout follows both
         if previous[name] != getattr(config, name):
             problems.append(f"{name} {previous[name]!r} there, {getattr(config, name)!r} here")
-    workers = previous["num_workers"]
-    if config.zero_stage >= 1 and workers != config.num_workers:
-        problems.append(
-            f"ZeRO stage {config.zero_stage} partitions the optimizer state over the workers: it ran on "
-            f"{workers}, this run on {config.num_workers} (--workers {workers})"
-        )
+    # The worker count may differ: a ZeRO-partitioned checkpoint is re-sharded (resharding.py).
     return problems
 
 

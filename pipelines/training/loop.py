@@ -2,9 +2,14 @@
 
 Exact resume: a checkpoint holds both engines (weights, optimizer and LR-scheduler state), the EMA decoder
 and the step; batches are a pure function of the step (pipelines/training/data.py) and every random crop of
-the loss comes from a generator seeded by (seed, step, rank), so a resumed run repeats the uninterrupted one
-step for step. Bad data policy: a latent batch of the wrong shape or with non-finite values is an error
-naming the batch (a data bug to fix, not noise); a non-finite loss skips the step on every rank, is counted
+the loss comes from a generator seeded by (seed, step, part: the micro batch's place in the global batch), so
+a resumed run repeats the uninterrupted one step for step. A resume on another worker count trains on the same
+global batches, its gradients the same means over them (each worker's share split into micro batches of
+`micro_batch`, gradients accumulated: config.batch_split); only the random crops (drawn per micro batch) and
+the order of the float reductions differ.
+
+Bad data policy: a latent batch of the wrong shape or with non-finite values is an error naming the batch (a
+data bug to fix, not noise); a non-finite loss (of any micro batch) skips the step on every rank, is counted
 and logged, and more than `MAX_SKIPPED_IN_A_ROW` in a row stops the run.
 
 Continuing a finished stage (`--continue-from`, pipelines/training/continuation.py): when the run has no
@@ -16,7 +21,8 @@ The EMA follows DeepSpeed's fp32 master weights, not the module's bf16 copy: ave
 would round every update of a 0.9999 EMA (one part in 10^4 of a step) away.
 
 Tests inject faults through `hooks` (an object passed in, never part of the config):
-`hooks.before_step(step, rank, run_dir)` may raise, `hooks.loss(total, step, rank)` may replace the loss, and
+`hooks.before_step(step, rank, run_dir)` may raise, `hooks.loss(total, step, part)` may replace the loss of
+micro batch `part` (its index among the global batch's micro batches: the rank without accumulation), and
 `hooks.started(parts, rank, run_dir)`, if the object has it, sees the engines before the first step
 (tests/training_faults.py).
 """
@@ -110,14 +116,19 @@ class Engines:
 
 
 def build_engines(
-    config, init_from: str | None = None, model_config=None, continued: bool = False
+    config,
+    init_from: str | None = None,
+    model_config=None,
+    continued: bool = False,
+    load_universal: bool = False,
 ) -> Engines:
     """The model, EMA, loss and both DeepSpeed engines from the typed config (no Ray: the torch process group
     must already exist, or DeepSpeed sets one up from RANK/WORLD_SIZE/MASTER_ADDR/... itself). `model_config`
     (an InfGenConfig) defaults to the config's preset with its overrides; the training stage passes the one
     it derived from the latent record. `init_from`: a decoder folder whose weights the decoder (and its EMA)
     start from. `continued`: the run will load a previous stage's state (`continue_training_state`), so its
-    LR schedule is the continued one."""
+    LR schedule is the continued one. `load_universal`: the engines will load a universal checkpoint (one
+    written by another worker count: pipelines/training/resharding.py)."""
     import deepspeed
 
     import infgen
@@ -134,7 +145,7 @@ def build_engines(
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, config.optimizer.weight_decay),
-        config=config.deepspeed_config(),
+        config=config.deepspeed_config(load_universal=load_universal),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(config, continued)
         ),
@@ -142,7 +153,7 @@ def build_engines(
     discriminator, _, _, _ = deepspeed.initialize(
         model=loss.discriminator,
         model_parameters=loss.discriminator.parameters(),
-        config=config.deepspeed_config(discriminator=True),
+        config=config.deepspeed_config(discriminator=True, load_universal=load_universal),
     )
     # DeepSpeed moved (and cast) the decoder and the discriminator; the frozen LPIPS (fp32: the bf16 inputs
     # are promoted by its scaling layer) and the EMA follow them to the engines' device.
@@ -166,45 +177,82 @@ def training_window(
 def train_step(
     parts: Engines, config, latents: torch.Tensor, truth: torch.Tensor, step: int, rank: int, hooks=None
 ) -> dict | None:
-    """One step of both engines and the EMA on this rank's batch → the step's metrics (floats), or None when
-    the loss was not finite on some rank: then no rank updates anything (every rank takes the same branch,
-    or the collectives in backward/step would hang)."""
+    """One optimizer step of both engines and the EMA on this rank's share of the global batch → the step's
+    metrics (floats: this rank's means over its micro batches), or None when the loss was not finite on some
+    rank: then no rank updates anything (every rank takes the same branch, or the collectives in
+    backward/step would hang).
+
+    The share is `config.accumulation_steps` micro batches of `config.micro_batch`: each is forwarded and
+    backpropagated on its own (DeepSpeed scales its loss by 1/accumulation and accumulates the gradients),
+    and the engines reduce and step once, after the last (`set_gradient_accumulation_boundary`, so a step
+    is one `engine.step()` whatever the accumulation, and a skipped step leaves the micro-step count alone).
+    Random crops are drawn per micro batch, from its place in the global batch (`part`)."""
+    accumulation, size = config.accumulation_steps, config.micro_batch
+    if latents.shape[0] != accumulation * size:
+        raise ValueError(
+            f"step {step}: rank {rank} got {latents.shape[0]} samples, its share of the global batch is "
+            f"{accumulation} micro batches of {size}"
+        )
+    engines = (parts.generator, parts.discriminator)
+    gan = parts.loss.gan_active(step)
+    lr = parts.scheduler.get_last_lr()[0]  # the LR this step uses (engine.step() moves the schedule on)
+    sums: dict[str, float] = {}
+    for micro in range(accumulation):
+        for engine in engines:
+            engine.set_gradient_accumulation_boundary(micro == accumulation - 1)
+        part = slice(micro * size, (micro + 1) * size)
+        index = rank * accumulation + micro  # the micro batch's place in the global batch
+        metrics = _micro_step(parts, config, latents[part], truth[part], step, index, hooks)
+        if metrics is None:
+            for engine in engines:  # what earlier micro batches accumulated must not reach a later step
+                engine.optimizer.zero_grad(set_to_none=True)
+                engine.zero_grad()
+            return None
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value
+    parts.generator.step()
+    if gan:
+        parts.discriminator.step()
+    with torch.no_grad():
+        for average, master in zip(parts.ema.parameters(), fp32_master_weights(parts.model), strict=True):
+            average.lerp_(master.detach().to(average.device, average.dtype), 1 - config.ema_decay)
+    return {**{name: value / accumulation for name, value in sums.items()}, "lr": lr}
+
+
+def _micro_step(
+    parts: Engines, config, latents: torch.Tensor, truth: torch.Tensor, step: int, part: int, hooks
+) -> dict | None:
+    """Forward and backward of one micro batch (`part`: its index among the global batch's micro batches),
+    both engines; None, before any backward, when its loss is not finite on some rank."""
     import torch.distributed as dist
 
     engine, loss = parts.generator, parts.loss
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     latents, truth = latents.to(engine.device, dtype), truth.to(engine.device, dtype)
     size = tuple(truth.shape[-2:])
-    window = training_window(size, config.train_window, _crop_generator(config.seed, step, rank, 2))
+    window = training_window(size, config.train_window, _crop_generator(config.seed, step, part, 2))
     if window is None:
         prediction = engine(latents, size)
     else:  # the same pixels as the whole decode's, at a fraction of the cost (InfGen.decode_window)
         prediction = engine(latents, size, window=window)
         top, left, height, width = window
         truth = truth[..., top : top + height, left : left + width]
-    crops = _crop_generator(config.seed, step, rank, 0)
+    crops = _crop_generator(config.seed, step, part, 0)
     losses = loss.generator_loss(prediction, truth, step, generator=crops)
     if hooks is not None:
-        losses["total"] = hooks.loss(losses["total"], step, rank)
+        losses["total"] = hooks.loss(losses["total"], step, part)
     # On the engines' device: NCCL (GPU workers) reduces only device tensors.
     finite = torch.isfinite(losses["total"].detach()).to(torch.float32).reshape(1)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() < 1:
         return None
-    lr = parts.scheduler.get_last_lr()[0]  # the LR this step uses (engine.step() moves the schedule on)
     engine.backward(losses["total"])
-    engine.step()
     metrics = {name: value.item() for name, value in losses.items()}
     if loss.gan_active(step):
-        crops = _crop_generator(config.seed, step, rank, 1)
+        crops = _crop_generator(config.seed, step, part, 1)
         d_losses = loss.discriminator_loss(prediction, truth, step, crops)
         parts.discriminator.backward(d_losses["discriminator"])
-        parts.discriminator.step()
         metrics.update({name: value.item() for name, value in d_losses.items()})
-    with torch.no_grad():
-        for average, master in zip(parts.ema.parameters(), fp32_master_weights(parts.model), strict=True):
-            average.lerp_(master.detach().to(average.device, average.dtype), 1 - config.ema_decay)
-    metrics["lr"] = lr
     return metrics
 
 
@@ -235,12 +283,14 @@ def _load_engine_state(engine, directory: str) -> None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory} (its 'latest' tag file is missing)")
 
 
-def continue_training_state(parts: Engines, directory: str) -> int:
+def continue_training_state(parts: Engines, directory: str, engines_directory: str | None = None) -> int:
     """Start this run from a previous stage's checkpoint folder (generator/, discriminator/,
     trainer_state.pt): both engines' weights and optimizer state, and the EMA. Returns the previous stage's
-    step. Every rank calls it (ZeRO ranks load their own partitions)."""
-    _load_engine_state(parts.generator, os.path.join(directory, "generator"))
-    _load_engine_state(parts.discriminator, os.path.join(directory, "discriminator"))
+    step. Every rank calls it (ZeRO ranks load their own partitions). `engines_directory`: where the engines
+    load from instead, a universal conversion of `directory`'s (pipelines/training/resharding.py)."""
+    engines_directory = engines_directory or directory
+    _load_engine_state(parts.generator, os.path.join(engines_directory, "generator"))
+    _load_engine_state(parts.discriminator, os.path.join(engines_directory, "discriminator"))
     state = torch.load(os.path.join(directory, "trainer_state.pt"), map_location="cpu", weights_only=True)
     parts.ema.load_state_dict(state["ema"])
     return int(state["step"])
@@ -254,6 +304,7 @@ def train_loop(loop_config: dict) -> None:
     from pipelines.training.config import TrainConfig
     from pipelines.training.data import LatentBatches
     from pipelines.training.mlflow_rank0 import RankZeroLogger
+    from pipelines.training.resharding import loadable_checkpoint
 
     config = TrainConfig.from_dict(loop_config["train"])
     context = ray.train.get_context()
@@ -262,8 +313,6 @@ def train_loop(loop_config: dict) -> None:
 
     model_config = infgen.InfGenConfig.from_dict(loop_config["model"])
     continue_from = loop_config.get("continue_from")  # a previous stage's last checkpoint, or None
-    parts = build_engines(config, loop_config.get("init_from"), model_config, continued=bool(continue_from))
-    engine, discriminator, ema = parts.generator, parts.discriminator, parts.ema
     data = LatentBatches(
         loop_config["latents"],
         loop_config["images"],
@@ -274,23 +323,38 @@ def train_loop(loop_config: dict) -> None:
     logger = RankZeroLogger(loop_config, rank)
     hooks = loop_config.get("hooks")
 
-    start_step = 0
+    # The run's own latest checkpoint (a resume: everything, the LR schedule included), else the previous
+    # stage's (a continuation). Either may come from another worker count: then the engines load a
+    # universal conversion of it (pipelines/training/resharding.py).
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(os.path.join(directory, "generator"))
-            discriminator.load_checkpoint(os.path.join(directory, "discriminator"))
-            state = torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=True)
-        ema.load_state_dict(state["ema"])
-        start_step = int(state["step"])
-        logger.line(f"train: resumed at step {start_step} from {checkpoint.path}")
-    elif continue_from:
-        with Checkpoint(continue_from).as_directory() as directory:
-            previous_step = continue_training_state(parts, directory)
-        logger.line(
-            f"train: continuing from step {previous_step} of {continue_from}: decoder, EMA, discriminator "
-            f"and both optimizers' state; LR {parts.scheduler.get_last_lr()[0]:.3g} at step 0"
-        )
+    source = checkpoint or (Checkpoint(continue_from) if continue_from else None)
+    start_step = 0
+    with contextlib.ExitStack() as stack:
+        directory = stack.enter_context(source.as_directory()) if source else None
+        engines_directory, universal = directory, False
+        if directory:
+            loadable = loadable_checkpoint(directory, config.zero_stage, context.get_local_rank())
+            engines_directory, universal = stack.enter_context(loadable)
+        parts = build_engines(
+            config, loop_config.get("init_from"), model_config, continued=bool(continue_from),
+            load_universal=universal,
+        )  # fmt: skip
+        if checkpoint:
+            start_step, saved_workers = _resume_training_state(parts, directory, engines_directory)
+            resized = (
+                f" (written by {saved_workers} workers, now {world}{': re-sharded' if universal else ''})"
+                if saved_workers not in (None, world)
+                else ""
+            )
+            logger.line(f"train: resumed at step {start_step} from {checkpoint.path}{resized}")
+        elif continue_from:
+            previous_step = continue_training_state(parts, directory, engines_directory)
+            lr = parts.scheduler.get_last_lr()[0]
+            logger.line(
+                f"train: continuing from step {previous_step} of {continue_from}: decoder, EMA, "
+                f"discriminator and both optimizers' state; LR {lr:.3g} at step 0"
+            )
+    engine, discriminator, ema = parts.generator, parts.discriminator, parts.ema
     if hooks is not None and hasattr(hooks, "started"):
         hooks.started(parts, rank, loop_config["output"])
 
@@ -325,6 +389,19 @@ def train_loop(loop_config: dict) -> None:
         logger.finish(ema, data, config)
 
 
+def _resume_training_state(parts: Engines, directory: str, engines_directory: str) -> tuple[int, int | None]:
+    """This run's own checkpoint in `directory` (engines from `engines_directory`): both engines whole (the
+    LR schedule included) and the EMA. Returns (its step, the worker count that wrote it: None when the
+    checkpoint predates that record)."""
+    for name in ("generator", "discriminator"):
+        path, _ = getattr(parts, name).load_checkpoint(os.path.join(engines_directory, name))
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {engines_directory}/{name}")
+    state = torch.load(os.path.join(directory, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    parts.ema.load_state_dict(state["ema"])
+    return int(state["step"]), state.get("workers")
+
+
 def _checkpoint(engine, discriminator, ema, step: int, rank: int, metrics: dict, Checkpoint, config) -> None:
     import ray.train
 
@@ -335,7 +412,8 @@ def _checkpoint(engine, discriminator, ema, step: int, rank: int, metrics: dict,
         engine.save_checkpoint(os.path.join(directory, "generator"), tag=f"step{step}")
         discriminator.save_checkpoint(os.path.join(directory, "discriminator"), tag=f"step{step}")
         if rank == 0:
-            torch.save({"ema": ema.state_dict(), "step": step}, os.path.join(directory, "trainer_state.pt"))
+            state = {"ema": ema.state_dict(), "step": step, "workers": config.num_workers}
+            torch.save(state, os.path.join(directory, "trainer_state.pt"))
             infgen.save(ema, os.path.join(directory, "ema_decoder"), {"step": step, "stage": config.stage})
         # Every rank reports (a barrier); Ray merges the ranks' folders into one persisted checkpoint.
         ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(directory))

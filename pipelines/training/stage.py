@@ -3,9 +3,11 @@ OUTPUT/manifest.json at the end like every other stage.
 
 OUTPUT is the run's folder: Ray Train's storage path is its parent and the run's name its base name, so
 checkpoints, losses.jsonl, validation latents and the final decoder all live under it. Resume: rerun with the
-same output; Ray Train restores the latest checkpoint, and worker failures within a run restart from it on
-their own (`max_failures`). The MLflow run is found again by its tags, so a resumed run keeps logging into the
-same MLflow run.
+same output; Ray Train restores the latest checkpoint, and worker failures within a run (a worker or node
+lost) restart the workers from it on their own, up to `max_failures` times. The worker count is a resource
+field: a rerun on another one resumes too, on the same global batches, the DeepSpeed state re-sharded when
+ZeRO partitioned it (pipelines/training/resharding.py). The MLflow run is found again by its tags, so a
+resumed run keeps logging into the same MLflow run.
 
 A run starts from scratch, from a decoder folder (`init_from`: weights only) or from a finished run
 (`continue_from`: decoder, EMA, discriminator and optimizer state; pipelines/training/continuation.py).
@@ -114,7 +116,6 @@ def run_training(
     output: str,
     tracking: StageTracking,
     init_from: str | None = None,
-    max_failures: int = 1,
     hooks=None,
     continue_from: str | None = None,
 ) -> dict:
@@ -177,7 +178,7 @@ def run_training(
             run_config=RunConfig(
                 name=os.path.basename(output),
                 storage_path=os.path.dirname(output),
-                failure_config=FailureConfig(max_failures=max_failures),
+                failure_config=FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": worker_environment(config.use_gpu)},
             ),
