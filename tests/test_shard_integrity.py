@@ -165,27 +165,49 @@ def test_the_latent_stage_reencodes_only_a_damaged_shard(embedded_latents, tmp_p
     check_shards(str(latents))
 
 
+@pytest.mark.slow
+def test_the_ingest_stage_downloads_again_only_a_lost_image_shard(embedded_images, tmp_path, capsys):
+    ingest = tmp_path / "ingest"
+    shutil.copytree(embedded_images["images"].parent, ingest)
+    shards = sorted((ingest / "images").glob("*.parquet"))
+    lost, kept = shards[0], shards[1:]
+    original = lost.read_bytes()
+    lost.unlink()
+    with pytest.raises(DamagedShard, match=f"shard {lost} is missing: the ingest stage wrote it"):
+        check_shards(str(ingest / "images"))
+    before = {path.name: path.stat().st_mtime_ns for path in kept}
+    capsys.readouterr()
+    code = main(["ingest", "--embedded", "40", "--output", str(ingest), "--samples-per-shard", "12", "--seed",
+                 "10", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"ingest: shard {lost.name}: images/{lost.name} missing or resized" in out
+    assert "downloading it again" in out
+    assert lost.read_bytes() == original  # the same images, verified the same way
+    assert {path.name: path.stat().st_mtime_ns for path in kept} == before
+    check_shards(str(ingest / "images"))
+
+
 # --- the workflow -----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_workflow_rerun_redoes_a_deleted_latent_shard_then_the_stages_downstream(ray_address, tmp_path):
+def test_a_workflow_rerun_redoes_a_deleted_latent_shard_then_the_stages_downstream(embedded_images, tmp_path):
     from jobs.workflow import run_workflow
 
+    images = str(embedded_images["images"])  # the session's ingest: this workflow starts at the latents
     workflow = {
         "name": "integrity",
         "run_dir": str(tmp_path / "run"),
         "experiment": "infgen-integrity",
         "stages": [
-            {"name": "ingest", "command": "ingest", "options": {"embedded": 40, "samples-per-shard": 12}},
-            {"name": "latents", "command": "latents",
-             "options": {"images": "{ingest}/images", "preset": "smoke"}},
+            {"name": "latents", "command": "latents", "options": {"images": images, "preset": "smoke"}},
             {"name": "stage1", "command": "train",
              "options": {"preset": "stage1-small", "steps": 2, "workers": 1, "latents": "{latents}",
-                         "images": "{ingest}/images"}},
+                         "images": images}},
         ],
     }  # fmt: skip
     path = tmp_path / "integrity.yaml"
     path.write_text(yaml.safe_dump(workflow, sort_keys=False))
-    assert run_workflow(str(path))["stages"] == {"ingest": "ran", "latents": "ran", "stage1": "ran"}
+    assert run_workflow(str(path))["stages"] == {"latents": "ran", "stage1": "ran"}
     latents = tmp_path / "run" / "latents"
     shards = sorted(latents.glob("*.parquet"))
     damaged, kept = shards[-1], shards[:-1]
@@ -193,7 +215,7 @@ def test_a_workflow_rerun_redoes_a_deleted_latent_shard_then_the_stages_downstre
     damaged.unlink()
     before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in kept}
     rerun = run_workflow(str(path))
-    assert rerun["stages"] == {"ingest": "skipped", "latents": "ran", "stage1": "ran"}
+    assert rerun["stages"] == {"latents": "ran", "stage1": "ran"}
     assert damaged.read_bytes() == original
     assert {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in kept} == before
-    assert run_workflow(str(path))["stages"] == {name: "skipped" for name in ("ingest", "latents", "stage1")}
+    assert run_workflow(str(path))["stages"] == {"latents": "skipped", "stage1": "skipped"}
