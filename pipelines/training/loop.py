@@ -178,9 +178,9 @@ def train_step(
     parts: Engines, config, latents: torch.Tensor, truth: torch.Tensor, step: int, rank: int, hooks=None
 ) -> dict | None:
     """One optimizer step of both engines and the EMA on this rank's share of the global batch → the step's
-    metrics (floats: this rank's means over its micro batches), or None when the loss was not finite on some
-    rank: then no rank updates anything (every rank takes the same branch, or the collectives in
-    backward/step would hang).
+    metrics (floats: means over the whole global batch, the same on every rank, whatever the worker count and
+    accumulation), or None when the loss was not finite on some rank: then no rank updates anything (every
+    rank takes the same branch, or the collectives in backward/step would hang).
 
     The share is `config.accumulation_steps` micro batches of `config.micro_batch`: each is forwarded and
     backpropagated on its own (DeepSpeed scales its loss by 1/accumulation and accumulates the gradients),
@@ -216,7 +216,19 @@ def train_step(
     with torch.no_grad():
         for average, master in zip(parts.ema.parameters(), fp32_master_weights(parts.model), strict=True):
             average.lerp_(master.detach().to(average.device, average.dtype), 1 - config.ema_decay)
-    return {**{name: value / accumulation for name, value in sums.items()}, "lr": lr}
+    return {**_global_means(sums, accumulation, parts.generator.device), "lr": lr}
+
+
+def _global_means(sums: dict[str, float], accumulation: int, device) -> dict[str, float]:
+    """Each rank's sums over its micro batches → the means over every micro batch of the global batch (all
+    equal in size, so the mean of the global batch's per-sample means)."""
+    import torch.distributed as dist
+
+    names = sorted(sums)
+    totals = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)  # every rank has the same names: the GAN is on or off on all of them
+    count = accumulation * dist.get_world_size()
+    return {name: value / count for name, value in zip(names, totals.tolist())}
 
 
 def _micro_step(
