@@ -1,11 +1,8 @@
 """jobs.ray_jobs against a real Ray cluster started with `ray start --head` (the Job Submission SDK).
 
-The cluster is this module's own: its own --temp-dir and ports, started as `ray start --block` in a new
-session. Teardown stops only it: SIGTERM to that `ray start` (which stops the processes it started), then
-SIGKILL to whatever is left in its process group or names its temp dir (job drivers and workers run in
-process groups of their own, but their command lines or working directories are under the temp dir).
-`ray stop` would kill every Ray process of the user, including the in-process cluster that the
-`ray_address` session fixture (conftest.py) may have running next to this one.
+The cluster is this module's own, one node with its own --temp-dir and ports (tests/ray_cluster.py: how it
+is started and stopped without touching any other Ray on the machine). The orchestrator killed while a stage
+job runs, and a lost node: tests/test_multinode.py.
 """
 
 from __future__ import annotations
@@ -14,144 +11,31 @@ import http.server
 import io
 import os
 import shlex
-import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from ray_cluster import LocalCluster, free_port
 
 from jobs import ray_jobs
 
 pytestmark = pytest.mark.slow
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-STARTUP_DEADLINE_S = 60
-SHUTDOWN_DEADLINE_S = 20
 POLL_S = 0.25  # how often the tests' submissions check the job's status (default 1 s)
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on 127.0.0.1 right now (all held open until all are chosen)."""
-    probes = [socket.socket() for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-def _free_port() -> int:
-    return _free_ports(1)[0]
-
-
-def _processes_of(temp_dir: str, process_group: int) -> list[int]:
-    """Live (non-zombie) processes in `process_group` or whose command line or cwd is under `temp_dir`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        pid = int(entry)
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state == "Z":
-                continue
-            if os.getpgid(pid) == process_group:
-                found.append(pid)
-            elif temp_dir.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-            elif os.readlink(f"/proc/{pid}/cwd").startswith(temp_dir):
-                found.append(pid)
-        except OSError:  # gone meanwhile, or not ours to inspect
-            continue
-    return found
-
-
-def _wait_until_ready(url: str, agent_port: int, process: subprocess.Popen, log: Path) -> None:
-    """Until the dashboard answers and so does the head's dashboard agent, which takes the submissions.
-
-    The agent registers itself with the head right after its HTTP server is up; a job submitted before
-    that waits 10 s inside the dashboard and then fails with "No available agent to submit job".
-    """
-    import requests
-
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"ray start exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/api/version", timeout=2).ok:
-                requests.get(f"http://127.0.0.1:{agent_port}/", timeout=2)  # any answer: it is up
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            tail = log.read_text()[-3000:]
-            raise TimeoutError(f"no dashboard at {url} after {STARTUP_DEADLINE_S} s:\n{tail}")
-        time.sleep(0.2)
-
-
-def _stop_cluster(process: subprocess.Popen, temp_dir: str) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started
-        try:
-            process.wait(timeout=SHUTDOWN_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    deadline = time.monotonic() + SHUTDOWN_DEADLINE_S
-    while left := _processes_of(temp_dir, process.pid):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"processes of the test cluster still alive after SIGKILL: {left}")
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A one-node cluster (1 CPU) on 127.0.0.1: {"dashboard": its dashboard's URL, "gcs": HOST:PORT}."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the client reads it too (environment.md)
-    temp_dir = tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp")  # short: Ray puts unix sockets under it
-    dashboard_port, gcs_port, client_port, agent_port = _free_ports(4)
-    bin_dir = str(Path(sys.executable).parent)
-    environment = {
-        name: value for name, value in os.environ.items() if name not in ray_jobs.ADDRESS_VARIABLES
-    }
-    environment.update(
-        # `python` in a job's entrypoint is the one on the head's PATH: this virtualenv's.
-        PATH=bin_dir + os.pathsep + environment.get("PATH", ""),
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM would otherwise wait up to 30 s for draining
-    )
-    command = [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-               "--dashboard-host", "127.0.0.1", "--port", str(gcs_port), "--dashboard-port",
-               str(dashboard_port), "--ray-client-server-port", str(client_port),
-               "--dashboard-agent-listen-port", str(agent_port), "--num-cpus", "1",
-               "--disable-usage-stats", "--temp-dir", temp_dir]  # fmt: skip
-    log = Path(temp_dir + ".log")
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(
-            command, env=environment, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{dashboard_port}"
+    started = LocalCluster(head_cpus=1).start()
     try:
-        _wait_until_ready(url, agent_port, process, log)
-        yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs_port}"}
+        yield {"dashboard": started.dashboard, "gcs": started.gcs}
     finally:
-        _stop_cluster(process, temp_dir)
-        log.unlink(missing_ok=True)
+        started.stop()
 
 
 @pytest.fixture
@@ -277,7 +161,7 @@ def test_ctrl_c_while_waiting_stops_the_job(dashboard, tmp_path):
 
 
 def test_unreachable_address_fails_fast_naming_it(tmp_path):
-    refused = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    refused = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     with pytest.raises(ConnectionError, match=refused.replace(".", r"\.")):
         ray_jobs.submit_command(refused, "true", working_dir=tmp_path)
@@ -411,36 +295,3 @@ def test_a_detached_workflow_runs_its_stages_as_jobs_and_status_follows_it(dashb
     from jobs.workflow.state import load_state, load_state_on_cluster
 
     assert load_state_on_cluster(dashboard, str(run_dir)) == load_state(str(run_dir))
-
-
-def test_a_rerun_follows_a_stage_job_still_running_instead_of_submitting_it_again(dashboard, tmp_path):
-    """The orchestrator died after submitting a stage: its record says running, with the job's id. The
-    rerun follows that job to its end and records its output; no second job is submitted."""
-    import json
-
-    from jobs.workflow import Workflow, run_workflow
-    from jobs.workflow.spec import load_workflow
-
-    workflow = _write_workflow(tmp_path, "reattach", [{"name": "photos", "command": "photos"}])
-    spec = load_workflow(workflow)
-    records = Workflow(spec).records
-    stage = spec.stage("photos")
-    wanted = records.wanted(stage)
-    tracking = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
-    # The job as the dead orchestrator submitted it, a little slower to start, so it is still running.
-    entrypoint = "sleep 3 && " + ray_jobs.stage_entrypoint([*wanted["arguments"], "--tracking-uri", tracking])
-    job = ray_jobs.submit_command(dashboard, entrypoint, working_dir=REPOSITORY, follow=False,
-                                  output=io.StringIO(), submission_id="infgen-test-reattach")  # fmt: skip
-    records.write(stage, {**wanted, "status": "running", "submission_id": job["submission_id"],
-                          "ray_address": dashboard})  # fmt: skip
-    client = ray_jobs.connect(dashboard)
-    assert ray_jobs.job_status(client, job["submission_id"]) in ("PENDING", "RUNNING")
-    before = {info.submission_id for info in client.list_jobs()}
-
-    summary = run_workflow(str(workflow), address=dashboard)
-
-    assert summary["stages"] == {"photos": "ran"}
-    assert {info.submission_id for info in client.list_jobs()} == before  # nothing submitted again
-    record = json.loads((tmp_path / "run" / "workflow" / "photos.json").read_text())
-    assert record["status"] == "complete" and record["submission_id"] == "infgen-test-reattach"
-    assert ray_jobs.job_status(client, "infgen-test-reattach") == "SUCCEEDED"
