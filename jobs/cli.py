@@ -91,6 +91,28 @@ def _interrupt(signal_number, frame):
     raise KeyboardInterrupt(f"signal {signal.Signals(signal_number).name}")
 
 
+def stage_error_within(error: BaseException):
+    """The StageError an error carries from a Ray task, actor or training worker (a damaged shard found where
+    it was read), None when there is none. Ray wraps what a remote function raised: a task's error in
+    RayTaskError (`.cause`), Ray Data's in UserCodeException (`__cause__`), Ray Train's in its worker group
+    error (`worker_failures`, one per rank)."""
+    from pipelines.common.errors import StageError
+
+    seen, todo = set(), [error]
+    while todo:
+        candidate = todo.pop(0)
+        if candidate is None or id(candidate) in seen:
+            continue
+        seen.add(id(candidate))
+        if isinstance(candidate, StageError):
+            return getattr(candidate, "cause", None) or candidate
+        todo += [getattr(candidate, "cause", None), candidate.__cause__, candidate.__context__]
+        failures = getattr(candidate, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo += list(failures.values())
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipelines.common.errors import StageError
 
@@ -123,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.ray_jobs import JobFailed
 
         if not isinstance(error, JobFailed):
-            raise
+            return _stopped_by_stage_error_or_raise(name, error)
         print(f"infgen {name}: stopped: {error}", file=sys.stderr)  # a stage's Ray job: its log tail says why
         return 1
     except KeyboardInterrupt as interrupt:
@@ -131,7 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         how = str(interrupt) or "Ctrl-C"
         print(f"infgen {name}: interrupted ({how}); run the same command again to resume", file=sys.stderr)
         return 143 if "SIGTERM" in how else 130  # the shell's 128 + signal number
+    except Exception as error:
+        return _stopped_by_stage_error_or_raise(name, error)
     return 0
+
+
+def _stopped_by_stage_error_or_raise(name: str, error: Exception) -> int:
+    cause = stage_error_within(error)
+    if cause is None:
+        raise error
+    print(f"infgen {name}: stopped: {cause}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -188,3 +188,24 @@ def test_an_interrupted_command_ends_with_one_line(
     assert "Traceback" not in error
     assert error.strip().splitlines()[-1].startswith("infgen decode: interrupted")
     assert not (tmp_path / "big_0.png").exists() and not (tmp_path / "big.png").exists()
+
+
+def test_a_stage_error_raised_on_a_ray_worker_is_found_inside_the_wrapping():
+    """A damaged shard found by a training worker reaches the driver inside Ray Train's worker group error,
+    and one found by a task inside the chain of causes: the command prints its one line either way."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from jobs.cli import stage_error_within
+    from pipelines.common.errors import StageError
+
+    damaged = StageError("shard /x/00001.parquet does not hold the bytes the latents stage wrote")
+    wrapped = WorkerGroupError("1 worker failed", {0: RuntimeError("collective timed out"), 1: damaged})
+    assert stage_error_within(wrapped) is damaged
+    try:
+        try:
+            raise damaged
+        except StageError as error:
+            raise RuntimeError("UDF failed to process a data block") from error
+    except RuntimeError as outer:
+        assert stage_error_within(outer) is damaged
+    assert stage_error_within(RuntimeError("no stage error here")) is None

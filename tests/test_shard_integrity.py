@@ -165,6 +165,26 @@ def test_the_latent_stage_reencodes_only_a_damaged_shard(embedded_latents, tmp_p
     check_shards(str(latents))
 
 
+def test_a_changed_image_shard_of_the_same_size_stops_the_latent_stage_with_one_line(
+    embedded_images, tmp_path, capsys
+):
+    """Same size, other bytes: the listing cannot tell, the encoder that reads the shard can; its error comes
+    back through Ray Data's wrapping as the one line, not a traceback from the command."""
+    ingest = tmp_path / "ingest"
+    shutil.copytree(embedded_images["images"].parent, ingest, ignore=shutil.ignore_patterns("_LOCK"))
+    shard = sorted((ingest / "images").glob("*.parquet"))[0]
+    content = bytearray(shard.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    shard.write_bytes(bytes(content))
+    capsys.readouterr()
+    code = main(["latents", "--images", str(ingest / "images"), "--output", str(tmp_path / "latents"),
+                 "--preset", "smoke", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1, err
+    (line,) = [line for line in err.splitlines() if line.startswith("infgen latents:")]
+    assert line.startswith("infgen latents: stopped:") and shard.name in line and "ingest" in line, line
+
+
 @pytest.mark.slow
 def test_the_ingest_stage_downloads_again_only_a_lost_image_shard(embedded_images, tmp_path, capsys):
     ingest = tmp_path / "ingest"

@@ -17,6 +17,9 @@ def map_with_actor_pool(
     if memory_gib is not None:
         resources["memory"] = int(memory_gib * 2**30)
         _warn_if_no_node_fits(actor.__name__, memory_gib)
+    # What an actor raised comes back as itself (a damaged shard's StageError: one line naming the file), not
+    # as a UserCodeException that keeps only its traceback's text.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     mapped = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         actor,
         batch_size=1,
