@@ -62,6 +62,7 @@ class EvaluateOptions:
     )
     lpips_trunk: str | None = option(None, help="torchvision AlexNet weights for LPIPS")
     workers: int | None = option(None, help="evaluation actors (one GPU each when there are GPUs)")
+    sample_batch: int | None = option(None, help="samples per diffusers pipeline call (default 64)")
     seed: int = option(0, help="patch positions and sampled latents")
     output: str = option(help="evaluation folder (local or fsspec URL)")
 
@@ -86,7 +87,7 @@ def build_config(options: EvaluateOptions):
     if options.sizes:
         changes["sizes"] = tuple(parse_size(s if "x" in s else f"{s}x{s}") for s in options.sizes)
         changes["scales"] = ()  # given sizes replace a preset's multiples of the input side
-    names = ("max_images", "patches_per_image", "patch_mode", "workers")
+    names = ("max_images", "patches_per_image", "patch_mode", "workers", "sample_batch")
     changes.update(overrides(options, {name: name for name in names}))
     return dataclasses.replace(PRESETS[options.preset], **changes)
 

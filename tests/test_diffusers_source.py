@@ -48,3 +48,15 @@ def test_sampled_latents_are_scaled_and_decode_to_the_pipelines_own_images(dit_p
 def test_a_pipeline_that_is_not_local_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a local directory"):
         diffusers_latents(str(tmp_path / "facebook/DiT-XL-2-256"), 2, seed=0)
+
+
+def test_sampling_in_batches_keeps_each_sample_and_reports_progress(dit_pipeline_directory):
+    labels, lines = [3, 14, 15], []
+    directory = str(dit_pipeline_directory)
+    batched = diffusers_latents(directory, 3, seed=5, device="cpu", batch_size=2, progress=lines.append,
+                                class_labels=labels, num_inference_steps=STEPS)  # fmt: skip
+    first = diffusers_latents(directory, 2, seed=5, device="cpu", batch_size=2, class_labels=labels[:2],
+                              num_inference_steps=STEPS)  # fmt: skip
+    assert batched.shape == (3, 4, 8, 8)
+    assert np.array_equal(batched[:2], first)  # the first batch is the first two samples, in order
+    assert [line.split(" latents")[0] for line in lines] == ["evaluate: sampled 2/3", "evaluate: sampled 3/3"]

@@ -12,7 +12,6 @@ def map_with_actor_pool(
     rows: list[dict], actor: type, size: int, constructor_kwargs: dict, memory_gib: float | None = None
 ) -> Iterator[dict]:
     """`memory_gib`: host memory each actor reserves in Ray's scheduler (None: no reservation)."""
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
     resources = {}
     if memory_gib is not None:
         resources["memory"] = int(memory_gib * 2**30)
@@ -27,12 +26,17 @@ def map_with_actor_pool(
         # One item per actor at a time: items are long (a whole shard), and Ray Data's default queues two on
         # the first actor to start, which left the other idle (seen: 2 shards, 2 actors, one did both).
         compute=ray.data.ActorPoolStrategy(size=min(size, len(rows)), max_tasks_in_flight_per_actor=1),
-        num_gpus=1 if gpus else 0,
+        num_gpus=gpus_per_worker(),
         num_cpus=1,
         fn_constructor_kwargs=constructor_kwargs,
         **resources,
     )
     return mapped.iter_rows()
+
+
+def gpus_per_worker() -> int:
+    """One GPU per actor or task when the cluster has GPUs, else none (Ray then hides every GPU from it)."""
+    return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
 
 
 def _warn_if_no_node_fits(name: str, memory_gib: float) -> None:

@@ -28,6 +28,10 @@ class EvalConfig:
     kid_subset_size: int = 1000
     chunk_images: int = 16  # images per work unit (one part file; the unit of resume)
     decode_batch: int = 4
+    # Samples per diffusers pipeline call (--diffusers-pipeline sources): bounds GPU memory at 10K samples.
+    # The samples depend on it (one generator runs through the batches), but they are sampled once into
+    # OUTPUT/sources/NAME.npy and a resume reads that file, so it is a resource field like `workers`.
+    sample_batch: int = 64
     workers: int = 2  # evaluation actors (one GPU each when the cluster has GPUs)
     grid_images: int = 3  # side-by-side rows (truth | baseline | InfGen) per source and size
     seed: int = 0
@@ -37,7 +41,7 @@ class EvalConfig:
     lpips_trunk: str | None = None  # torchvision AlexNet weights for LPIPS; None → default place, else random
     mlflow_experiment: str = "infgen-eval"
     # How the stage runs, not what it scores: a resume may change it (pipelines/common/stage_output.py).
-    RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("workers",)
+    RESOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("workers", "sample_batch")
 
     def __post_init__(self):
         if not self.sizes and not self.scales:
@@ -58,6 +62,7 @@ class EvalConfig:
             "patches_per_image",
             "chunk_images",
             "decode_batch",
+            "sample_batch",
             "workers",
         ):
             if getattr(self, name) < 1:

@@ -17,6 +17,7 @@ import fsspec
 import numpy as np
 import torch
 
+from infgen.devices import assert_same_device, default_device, module_device
 from infgen.images import from_uint8
 from infgen.metrics import psnr, ssim
 from infgen.metrics.distribution import extract_patches, patch_boxes
@@ -51,10 +52,18 @@ def full_reference(decoded: list[np.ndarray], truths: list[np.ndarray], lpips_mo
     """PSNR, SSIM and LPIPS of each decoded image against its ground truth ([-1, 1] scale)."""
     prediction = torch.stack([from_uint8(image) for image in decoded])
     target = torch.stack([from_uint8(image) for image in truths])
-    with torch.inference_mode():
-        perceptual = lpips_model(prediction, target).flatten()
+    perceptual = perceptual_distances(lpips_model, prediction, target)
     return {"psnr": psnr(prediction, target).numpy(), "ssim": ssim(prediction, target).numpy(),
-            "lpips": perceptual.double().numpy()}  # fmt: skip
+            "lpips": perceptual.double().cpu().numpy()}  # fmt: skip
+
+
+def perceptual_distances(lpips_model, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """LPIPS per image pair, on the LPIPS network's device (the images are built on the host)."""
+    device = module_device(lpips_model)
+    prediction, target = prediction.to(device), target.to(device)
+    assert_same_device(lpips_model, prediction, target)
+    with torch.inference_mode():
+        return lpips_model(prediction, target).flatten()
 
 
 def score_chunk(chunk: Chunk, latents: np.ndarray, truths: list | None, models: dict, config: EvalConfig):
@@ -103,6 +112,21 @@ def load_part(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     return groups, meta
 
 
+def scoring_modules(models: dict) -> dict:
+    """{name: nn.Module} of the scorer's models (the VAE and Inception wrap theirs)."""
+    return {"vae": models["vae"].autoencoder, "infgen": models["infgen"],
+            "inception": models["inception"].network, "lpips": models["lpips"]}  # fmt: skip
+
+
+def check_models_on(models: dict, device: str) -> None:
+    """Every model on `device` (its type: "cuda" means whichever GPU Ray gave this process)."""
+    wanted = torch.device(device).type
+    for name, module in scoring_modules(models).items():
+        found = module_device(module)
+        if found.type != wanted:
+            raise ValueError(f"evaluation: the {name} model is on {found}, the scorer runs on {device}")
+
+
 def channels_last(*networks) -> None:
     """Convolution weights in channels-last layout: oneDNN's fast path on CPU, about 1.5× faster for
     Inception (measured: 0.36 → 0.24 CPU s per image). The same arithmetic in another memory order: features
@@ -116,19 +140,20 @@ class ChunkScorer:
     name a chunk by its index in `chunks` (typed records, handed to each actor once)."""
 
     def __init__(self, config: EvalConfig, decoder: str, vae: str | None, input_side: int,
-                 chunks: list[Chunk], threads: int = 1):  # fmt: skip
+                 chunks: list[Chunk], threads: int = 1, device: str | None = None):  # fmt: skip
         import infgen
         from infgen.metrics.inception import load_inception
         from infgen.metrics.perceptual import load_lpips
         from pipelines.common.vae_source import load_frozen_vae
 
         torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = device or default_device()  # injectable: a CPU test runs this same path with "cpu"
         self.config, self.device, self.input_side, self.chunks = config, device, input_side, chunks
         stock, _ = load_frozen_vae(vae, device)
         self.models = {"vae": stock, "infgen": infgen.load(decoder, device=device),
                        "inception": load_inception(config.inception, device=device),
                        "lpips": load_lpips(config.lpips_trunk).to(device).eval()}  # fmt: skip
+        check_models_on(self.models, device)
         if device == "cpu":
             channels_last(self.models["inception"].network, self.models["lpips"])
         self.latent_files: dict[str, np.ndarray] = {}

@@ -94,24 +94,61 @@ def _pick(mapping: dict, path: str):
     raise KeyError(f"none of the keys {ARRAY_KEYS} in {sorted(mapping)} ({path})")
 
 
-def diffusers_latents(pipeline_dir: str, count: int, seed: int, device: str = "cpu", **call_arguments):
+def diffusers_latents(pipeline_dir: str, count: int, seed: int, device: str = "cpu", batch_size: int = 64,
+                      progress=None, **call_arguments):  # fmt: skip
     """Scaled latents sampled from a local diffusers pipeline (e.g. DiTPipeline), never downloading.
+
+    Sampled `batch_size` at a time on `device` (one pipeline call for 10K samples runs out of memory), with a
+    progress line per batch. The class labels are drawn for all samples first and one generator runs on
+    through the batches, so the samples depend on (seed, batch size), never on the machine's timing.
 
     Called with `output_type="latent"`. Pipelines that honour it (Stable Diffusion and its kin) return their
     latents before the decode, already in the scaled convention. DiTPipeline ignores it and decodes anyway:
     then the VAE's decode input is captured, which DiT computed as `latents / scaling_factor`, and that is
     undone exactly.
     """
+    import time
+
     import torch
     from diffusers import DiffusionPipeline
 
     if not Path(pipeline_dir).is_dir():
         raise ValueError(f"diffusers pipeline {pipeline_dir}: not a local directory (nothing is downloaded)")
+    if batch_size < 1:
+        raise ValueError(f"diffusers pipeline {pipeline_dir}: batch size must be ≥ 1, got {batch_size}")
     pipeline = DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True).to(device)
     vae = getattr(pipeline, "vae", None)
     if vae is None:
         raise ValueError(f"diffusers pipeline {pipeline_dir}: has no `vae` component, so no latents to take")
     scaling = float(vae.config.scaling_factor)
+    channels = int(vae.config.latent_channels)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    labels = call_arguments.pop("class_labels", None)
+    if labels is None and "prompt" not in call_arguments:
+        labels = torch.randint(0, 1000, (count,), generator=generator).tolist()
+    batches, started = [], time.perf_counter()
+    for start in range(0, count, batch_size):
+        size = min(batch_size, count - start)
+        arguments = dict(call_arguments)
+        if labels is not None:
+            arguments["class_labels"] = labels[start : start + size]
+        batch = _sample_batch(pipeline, vae, scaling, generator, arguments)
+        if batch.ndim != 4 or batch.shape[1] != channels:
+            raise ValueError(
+                f"diffusers pipeline {pipeline_dir}: expected latents shaped (N, {channels}, h, w), "
+                f"got {tuple(batch.shape)}"
+            )
+        batches.append(batch[:size])
+        if progress is not None:
+            progress(f"evaluate: sampled {start + size}/{count} latents from {pipeline_dir} on {device} "
+                     f"({time.perf_counter() - started:.0f}s)")  # fmt: skip
+    return torch.cat(batches).numpy()
+
+
+def _sample_batch(pipeline, vae, scaling: float, generator, arguments: dict):
+    """One pipeline call's latents (on the host, float32, scaled)."""
+    import torch
+
     captured: list[torch.Tensor] = []
     original_decode = vae.decode
 
@@ -121,21 +158,9 @@ def diffusers_latents(pipeline_dir: str, count: int, seed: int, device: str = "c
 
     vae.decode = capturing_decode
     try:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        if "class_labels" not in call_arguments and "prompt" not in call_arguments:
-            labels = torch.randint(0, 1000, (count,), generator=generator).tolist()
-            call_arguments["class_labels"] = labels
-        output = pipeline(generator=generator, output_type="latent", **call_arguments)
+        output = pipeline(generator=generator, output_type="latent", **arguments)
     finally:
         vae.decode = original_decode
     if captured:
-        latents = torch.cat(captured)
-    else:
-        latents = torch.as_tensor(output.images if hasattr(output, "images") else output[0]).float().cpu()
-    channels = int(vae.config.latent_channels)
-    if latents.ndim != 4 or latents.shape[1] != channels:
-        raise ValueError(
-            f"diffusers pipeline {pipeline_dir}: expected latents shaped (N, {channels}, h, w), "
-            f"got {tuple(latents.shape)}"
-        )
-    return latents[:count].numpy()
+        return torch.cat(captured)
+    return torch.as_tensor(output.images if hasattr(output, "images") else output[0]).float().cpu()

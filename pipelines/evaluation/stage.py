@@ -21,7 +21,7 @@ import fsspec
 import numpy as np
 import ray
 
-from pipelines.common.actor_pool import map_with_actor_pool
+from pipelines.common.actor_pool import gpus_per_worker, map_with_actor_pool
 from pipelines.common.files import absolute, file_sha256
 from pipelines.common.holdout import held_out_images
 from pipelines.common.latent_record import read_latent_record
@@ -164,7 +164,10 @@ def run_evaluation(
                 progress(
                     f"evaluate: sampling {config.max_images} latents from the diffusers pipeline {directory}"
                 )
-                array = ray.get(_sample.remote(directory, config.max_images, config.seed))
+                # A GPU when the cluster has one: without num_gpus Ray hides the GPUs and it samples on CPU.
+                sampling = _sample.options(num_gpus=gpus_per_worker())
+                task = sampling.remote(directory, config.max_images, config.seed, config.sample_batch)
+                array = ray.get(task)
                 buffer = io.BytesIO()
                 np.save(buffer, array)
                 filesystem.makedirs(f"{root}/sources", exist_ok=True)
@@ -193,10 +196,11 @@ def run_evaluation(
 
 
 @ray.remote
-def _sample(directory: str, count: int, seed: int) -> np.ndarray:
-    import torch
+def _sample(directory: str, count: int, seed: int, batch_size: int) -> np.ndarray:
+    from infgen.devices import default_device
 
-    return diffusers_latents(directory, count, seed, "cuda" if torch.cuda.is_available() else "cpu")
+    # The progress lines reach the driver's log through Ray's worker-output forwarding.
+    return diffusers_latents(directory, count, seed, default_device(), batch_size, progress=print)
 
 
 def folder_sizes_skipped(folder_refs: list[dict], sizes, progress) -> dict[str, list[str]]:
