@@ -14,11 +14,12 @@ index), so a sample is the same whichever worker makes it and in whatever order.
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from pipelines.common.image_policy import decode_rgb  # noqa: F401  (the policy's decode, re-exported)
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,6 @@ def centred_sample(image_height: int, image_width: int, size: tuple[int, int]) -
     return CropSample(top=(image_height - crop_height) // 2, left=(image_width - crop_width) // 2,
                       height=crop_height, width=crop_width, target_height=height, target_width=width,
                       seed=0)  # fmt: skip
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
 
 
 def crop_pair(image: Image.Image, sample: CropSample, input_side: int) -> tuple[np.ndarray, np.ndarray]:

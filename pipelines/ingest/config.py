@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pipelines.common.image_policy import MAX_PIXELS, check_limit
 from pipelines.ingest.filters import ColumnMap, FilterConfig
 
 
@@ -28,12 +29,16 @@ class DownloadConfig:
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    # Pillow's decompression-bomb guard: images declaring more pixels than this are refused before decoding.
-    max_pixels: int = 200_000_000
+    # Images declaring more pixels than this are refused before decoding; at most the limit every later stage
+    # decodes (pipelines/common/image_policy.py), which is the default.
+    max_pixels: int = MAX_PIXELS
     keep_download_shards: bool = False  # raw img2dataset shards are deleted once verified (halves storage)
     row_group_rows: int = (
         64  # small row groups: Ray Data concatenating big binary columns overflows (ray#48042)
     )
+
+    def __post_init__(self):
+        check_limit(self.max_pixels, "ingest verify.max_pixels")
 
 
 @dataclass(frozen=True)

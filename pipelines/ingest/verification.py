@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipelines.common.image_policy import UndecodableImage, load_checked, open_checked
 from pipelines.common.shard_integrity import write_parquet
 from pipelines.ingest.accounting import download_failure_reason
 
@@ -31,25 +32,15 @@ VERIFICATION_FAILED = "verification failed: "  # prefix of img2dataset's error_m
 
 
 def verify_image(data: bytes | None, min_pixels: int, max_pixels: int) -> tuple[str, int, int, str]:
-    """(reason or "", width, height, format). The declared size is checked before any pixel is decoded."""
-    if not data:
-        return "empty", 0, 0, ""
-    # Pillow's own guard reads this process-wide limit when it parses the header (it warns above it and
-    # raises above twice it). Every caller sets the same value, so threads cannot disagree about it.
-    if Image.MAX_IMAGE_PIXELS != max_pixels:
-        Image.MAX_IMAGE_PIXELS = max_pixels
+    """(reason or "", width, height, format). The large-image policy (pipelines/common/image_policy.py): the
+    declared size is checked against `max_pixels` (at most the policy's limit) before any pixel is decoded,
+    then every pixel is decoded, as the later stages will."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_checked(data, max_pixels) as image:
             width, height, kind = image.width, image.height, image.format or ""
-            if width * height > max_pixels:
-                return "decompression_bomb", width, height, kind
-            image.load()  # the full decode: truncated and corrupt data fail here
-    except Image.DecompressionBombError:
-        return "decompression_bomb", 0, 0, ""
-    except Image.UnidentifiedImageError:
-        return "not_an_image", 0, 0, ""
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow reports truncation as OSError
-        return ("truncated" if "truncated" in str(error) else "decode_error"), 0, 0, ""
+            load_checked(image)  # the full decode: truncated and corrupt data fail here
+    except UndecodableImage as error:
+        return error.reason, *error.size, ""
     if width * height <= min_pixels:
         return "too_few_pixels_actual", width, height, kind
     return "", width, height, kind

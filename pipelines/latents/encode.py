@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.common.crops import CropSample, crop_pair, decode_rgb, plan_crops
+from pipelines.common.crops import CropSample, crop_pair, plan_crops
 from pipelines.common.holdout import is_held_out
+from pipelines.common.image_policy import REASONS, UndecodableImage, decode_rgb
 from pipelines.common.latent_shards import SAMPLE_COLUMNS, latent_schema
 from pipelines.common.shard_integrity import ShardRecords, read_verified, write_parquet
 from pipelines.latents.config import LatentConfig
@@ -35,7 +36,7 @@ DECODE_WINDOW = 16  # images decoded ahead of the encoder
 
 
 def _samples(
-    images: pa.Table, config: LatentConfig, skipped: Counter
+    images: pa.Table, config: LatentConfig, skipped: Counter, undecodable: dict[str, str]
 ) -> Iterator[tuple[str, int, CropSample, np.ndarray]]:
     keys, data = images.column("key").to_pylist(), images.column("image")
     heights, widths = images.column("height").to_pylist(), images.column("width").to_pylist()
@@ -49,8 +50,8 @@ def _samples(
             return index, plan, None, "too_small_for_targets"
         try:
             image = decode_rgb(data[index].as_py())
-        except OSError:
-            return index, plan, None, "decode_error"
+        except UndecodableImage as error:  # ingest verified it: another decoder, or damage since
+            return index, plan, None, error.reason
         return index, plan, [crop_pair(image, sample, config.policy.input_side)[0] for sample in plan], ""
 
     # Pillow decodes and resizes without the GIL: a few threads keep the encoder fed, a window of images
@@ -61,6 +62,8 @@ def _samples(
             for index, plan, inputs, problem in pool.map(prepare, window):
                 if problem:
                     skipped[problem] += 1
+                    if problem in REASONS:
+                        undecodable[keys[index]] = problem
                     continue
                 for sample_index, (sample, pixels) in enumerate(zip(plan, inputs)):
                     yield keys[index], sample_index, sample, pixels
@@ -88,11 +91,12 @@ def encode_shard(images_path: str, output_dir: str, vae, vae_source: str, config
     del data
     name = local.rsplit("/", 1)[-1]
     skipped: Counter = Counter()
+    undecodable: dict[str, str] = {}  # key → reason, for the images that failed to decode (image_policy.py)
     rows: dict[str, list] = {column: [] for column, _ in SAMPLE_COLUMNS}
     latents: list[np.ndarray] = []
     batch: list = []
     # Streamed: at 512² a shard's encoder inputs would take gigabytes if gathered first.
-    for item in itertools.chain(_samples(images, config, skipped), [None]):
+    for item in itertools.chain(_samples(images, config, skipped, undecodable), [None]):
         if item is not None:
             batch.append(item)
         if batch and (item is None or len(batch) == config.batch_size):
@@ -118,6 +122,7 @@ def encode_shard(images_path: str, output_dir: str, vae, vae_source: str, config
     record = write_parquet(table, out_fs, f"{out_root}/{name}", row_group_size=256)
     stats = {"shard": name, "images": images.num_rows, "samples": table.num_rows, "skipped": dict(skipped)}
     stats["file"] = record
+    stats["undecodable"] = undecodable
     stats["images_used"] = images.num_rows - sum(skipped.values())
     # Wall-clock span and worker: where a run's time went (actor start-up, an idle tail, a slow node).
     stats.update(started=round(started, 3), finished=round(time.time(), 3), worker=socket.gethostname(),

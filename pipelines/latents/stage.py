@@ -139,6 +139,7 @@ def _geometry(out: str, config: LatentConfig, label: str, shape: tuple, scaling)
 def _manifest(filesystem, root: str, out: str, inputs: list[dict], config: LatentConfig, encoded_by: tuple,
               seconds: float) -> dict:  # fmt: skip
     skipped: Counter = Counter()
+    undecodable: dict[str, str] = {}
     totals = Counter()
     records, unrecorded = {}, []
     for entry in inputs:
@@ -149,9 +150,10 @@ def _manifest(filesystem, root: str, out: str, inputs: list[dict], config: Laten
         else:
             unrecorded.append(entry["shard"])
         skipped.update(stats["skipped"])
+        undecodable.update(stats.get("undecodable", {}))  # older stats do not list them
         totals.update(images=stats["images"], images_used=stats["images_used"], samples=stats["samples"])
     counts = {"images": totals["images"], "images_used": totals["images_used"], "skipped": dict(skipped),
-              "samples": totals["samples"]}  # fmt: skip
+              "samples": totals["samples"], "undecodable": dict(sorted(undecodable.items()))}  # fmt: skip
     problems = []
     if counts["images"] != sum(entry["rows"] for entry in inputs):
         problems.append(f"{counts['images']} images encoded, {sum(e['rows'] for e in inputs)} in the input")

@@ -12,7 +12,11 @@ shard's sha256 when it is read whole into the cache.
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
 from collections import OrderedDict, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -20,12 +24,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
-from pipelines.common.crops import CropSample, crop_pair, decode_rgb
+from pipelines.common.crops import CropSample, crop_pair
+from pipelines.common.image_policy import UndecodableImage, load_checked, open_checked
 from pipelines.common.latent_shards import read_latents
 from pipelines.common.shard_integrity import check_shards, read_verified
 
 PLAN_COLUMNS = ["key", "target_height", "target_width"]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,8 @@ class LatentBatches:
         seed: int,
         cache_shards: int = 4,
         max_target_side: int | None = None,
+        prefetch: int = 2,
+        decode_threads: int = 2,
     ):
         self.latent_records = check_shards(latents_dir, "training latents")
         self.image_records = check_shards(images_dir, "training images")
@@ -51,8 +60,14 @@ class LatentBatches:
         self.filesystem, self.latents_root = filesystem, root
         self.images_root = fsspec.core.url_to_fs(images_dir)[1]
         self.global_batch, self.seed = global_batch, seed
-        self.cache: OrderedDict[str, tuple] = OrderedDict()
+        self.cache: OrderedDict[str, Future] = OrderedDict()
         self.cache_shards = max(2, cache_shards)
+        self.prefetch, self.decode_threads = max(0, prefetch), max(1, decode_threads)
+        self._lock = threading.Lock()
+        self._decoders: ThreadPoolExecutor | None = None
+        self._assembler: ThreadPoolExecutor | None = None
+        self._ahead: dict[tuple[int, int, int], Future] = {}
+        self.skipped: dict[str, str] = {}  # image key → reason, for images that failed to decode here
         self.by_shard: dict[str, list[SampleRef]] = {}
         counts: dict[tuple[int, int], int] = defaultdict(int)
         for path in sorted(filesystem.glob(f"{root}/*.parquet")):
@@ -114,37 +129,137 @@ class LatentBatches:
     def global_batch_refs(self, index: int) -> list[SampleRef]:
         return self.epoch(index // self.per_epoch)[index % self.per_epoch]
 
-    def _shard(self, name: str):
-        if name not in self.cache:
-            # Read whole (as parsing would), checked, then parsed: the bytes checked are the bytes used.
-            latents = read_verified(f"{self.latents_root}/{name}", self.latent_records, self.filesystem)
-            table = pq.read_table(pa.BufferReader(latents))
-            images = read_verified(f"{self.images_root}/{name}", self.image_records, self.filesystem)
-            images = pq.read_table(pa.BufferReader(images), columns=["key", "image"])
-            lookup = dict(zip(images.column("key").to_pylist(), range(images.num_rows)))
-            self.cache[name] = (table, read_latents(table), images, lookup)
-            while len(self.cache) > self.cache_shards:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(name)
-        return self.cache[name]
+    def _load_shard(self, name: str) -> tuple:
+        # Read whole (as parsing would), checked, then parsed: the bytes checked are the bytes used.
+        latents = read_verified(f"{self.latents_root}/{name}", self.latent_records, self.filesystem)
+        table = pq.read_table(pa.BufferReader(latents))
+        images = read_verified(f"{self.images_root}/{name}", self.image_records, self.filesystem)
+        images = pq.read_table(pa.BufferReader(images), columns=["key", "image"])
+        lookup = dict(zip(images.column("key").to_pylist(), range(images.num_rows)))
+        return table, read_latents(table), images, lookup
 
-    def batch(self, index: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents (b, C, h, w), truth (b, 3, H, W) in [-1, 1]) for this rank's slice of batch `index`."""
+    def _shard(self, name: str):
+        """The parsed shard, from the cache (least recently used out). Threads share it: the first to ask
+        for a shard loads it, outside the lock; the others wait for that load, not for the lock."""
+        with self._lock:
+            entry, owner = self.cache.get(name), False
+            if entry is None:
+                entry, owner = Future(), True
+                self.cache[name] = entry
+            self.cache.move_to_end(name)
+            while len(self.cache) > self.cache_shards:
+                self.cache.popitem(last=False)  # a thread still using it keeps its own reference
+        if owner:
+            try:
+                entry.set_result(self._load_shard(name))
+            except BaseException as error:
+                entry.set_exception(error)
+                with self._lock:
+                    if self.cache.get(name) is entry:
+                        del self.cache[name]  # the next ask tries again
+        return entry.result()
+
+    def _sample(self, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """(latent, truth (3, H, W) in [-1, 1], key); UndecodableImage if the image fails under the policy."""
+        table, latent_array, images, lookup = self._shard(ref.shard)
+        row = table.slice(ref.row, 1).to_pylist()[0]
+        sample = CropSample(row["crop_top"], row["crop_left"], row["crop_height"], row["crop_width"],
+                            row["target_height"], row["target_width"], row["seed"])  # fmt: skip
+        try:
+            truth = ground_truth(images.column("image")[lookup[row["key"]]].as_py(), sample)
+        except UndecodableImage as error:
+            error.key = row["key"]
+            raise
+        latent = torch.from_numpy(latent_array[ref.row].copy())
+        return latent, torch.from_numpy(truth.copy()).permute(2, 0, 1).float() / 127.5 - 1.0, row["key"]
+
+    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        # Made on first use, in the process that uses them (the object may be built elsewhere).
+        if self._decoders is None:
+            self._decoders = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="truth-decode")
+            self._assembler = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch")
+        return self._decoders, self._assembler
+
+    def _assemble(self, index: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         refs = self.global_batch_refs(index)
         size = len(refs) // world_size
-        latents, truths = [], []
-        for ref in refs[rank * size : (rank + 1) * size]:
-            table, latent_array, images, lookup = self._shard(ref.shard)
-            row = table.slice(ref.row, 1).to_pylist()[0]
-            sample = CropSample(row["crop_top"], row["crop_left"], row["crop_height"], row["crop_width"],
-                                row["target_height"], row["target_width"], row["seed"])  # fmt: skip
-            image = decode_rgb(images.column("image")[lookup[row["key"]]].as_py())
-            _, truth = crop_pair(image, sample, input_side=8)  # the encoder input is not needed here
-            latents.append(torch.from_numpy(latent_array[ref.row].copy()))
-            truths.append(torch.from_numpy(truth.copy()).permute(2, 0, 1).float() / 127.5 - 1.0)
-        latent_batch = torch.stack(latents)
+        mine = refs[rank * size : (rank + 1) * size]
+        decoders, _ = self._pools()
+        futures = [decoders.submit(self._sample, ref) for ref in mine]
+        results, failed = [], []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except UndecodableImage as error:
+                results.append(None)
+                failed.append(error)
+        if failed:
+            # The image passed ingest and the latent stage, so this decoder differs from theirs: the sample is
+            # replaced by the next good one of the same slice (same target size, and the same on every run).
+            good = [result for result in results if result is not None]
+            if not good:
+                keys = ", ".join(f"{error.key} ({error.reason})" for error in failed)
+                raise ValueError(f"global batch {index}, rank {rank}: no image of the slice decodes: {keys}")
+            for error in failed:
+                if error.key not in self.skipped:
+                    logger.warning("training: image %s does not decode (%s): its samples are replaced",
+                                   error.key, error)  # fmt: skip
+                self.skipped[error.key] = error.reason
+            results = [result or good[i % len(good)] for i, result in enumerate(results)]
+        latent_batch = torch.stack([result[0] for result in results])
         if not torch.isfinite(latent_batch).all():
             raise ValueError(
                 f"non-finite latents in global batch {index} (shards {sorted({r.shard for r in refs})})"
             )
-        return latent_batch, torch.stack(truths)
+        return latent_batch, torch.stack([result[1] for result in results])
+
+    def batch(self, index: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents (b, C, h, w), truth (b, 3, H, W) in [-1, 1]) for this rank's slice of batch `index`.
+
+        The next `prefetch` batches of the same rank are assembled in the background while the caller trains
+        on this one (their samples decoded `decode_threads` at a time); a batch is the same whether it was
+        prefetched or not, so a resumed run, which asks for another step first, sees the same batches.
+        """
+        _, assembler = self._pools()
+        with self._lock:
+            for stale in [k for k in self._ahead if k[1:] != (rank, world_size) or k[0] < index]:
+                self._ahead.pop(stale).cancel()
+            wanted = range(index, index + 1 + self.prefetch)
+            for ahead in wanted:
+                if (ahead, rank, world_size) not in self._ahead:
+                    self._ahead[(ahead, rank, world_size)] = assembler.submit(self._assemble, ahead, rank,
+                                                                               world_size)  # fmt: skip
+            current = self._ahead.pop((index, rank, world_size))
+        return current.result()
+
+    def close(self) -> None:
+        """Stop the background threads (pending prefetches are dropped)."""
+        for pool in (self._assembler, self._decoders):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._decoders = self._assembler = None
+        self._ahead.clear()
+
+
+def ground_truth(data: bytes, sample: CropSample) -> np.ndarray:
+    """The sample's ground truth (target_h × target_w × 3 uint8) from the original image's bytes.
+
+    A JPEG is decoded at the smallest of 1/8, 1/4, 1/2 or full scale that still holds the crop at its target
+    size or more (libjpeg scales in the DCT, so a 12 MP image needed at a quarter of its size costs about a
+    sixteenth of its full decode); the reduced image's crop is then resized to the target as the full one
+    would be (BICUBIC, antialiased), from the exact (fractional) crop box.
+    """
+    image = open_checked(data)
+    width, height = image.size
+    shrink = min(sample.height / sample.target_height, sample.width / sample.target_width)
+    if shrink >= 2 and image.format == "JPEG":
+        image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+    load_checked(image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size == (width, height):
+        return crop_pair(image, sample, input_side=8)[1]  # the encoder input is not needed here
+    x, y = image.width / width, image.height / height
+    box = (sample.left * x, sample.top * y, (sample.left + sample.width) * x,
+           (sample.top + sample.height) * y)  # fmt: skip
+    return np.asarray(image.resize((sample.target_width, sample.target_height), Image.BICUBIC, box=box))
