@@ -77,6 +77,11 @@ class TrainOptions:
         help="override the step the GAN term starts at (below --steps; default: the preset's fraction "
         "of the run)",
     )
+    gpu: bool = option(
+        False,
+        help="train on GPU workers (one GPU each, NCCL) even where the preset is a CPU one (-small, -demo), "
+        "e.g. bench/gpu_demo.yaml on a GPU machine",
+    )
     output: str = option(help="the run's folder: checkpoints, losses, final_decoder/, manifest.json")
 
 
@@ -85,6 +90,8 @@ def build_config(options: TrainOptions):
 
     # bad values fail here: before Ray starts, and when a workflow file loads (registry.Command.check)
     config = dataclasses.replace(PRESETS[options.preset], **overrides(options, CONFIG_FIELDS))
+    if options.gpu:  # a flag: it can only turn GPUs on (the full presets already have them)
+        config = dataclasses.replace(config, use_gpu=True)
     if options.steps is not None:  # the GAN start keeps its fraction of the run unless given
         return config.with_steps(options.steps, options.gan_start_step)
     if options.gan_start_step is not None:

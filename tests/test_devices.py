@@ -72,3 +72,14 @@ def test_the_scorer_runs_on_an_injected_device(scorer_inputs):
     groups, meta = load_part(chunks[0].part)
     assert meta["device"] == "cpu"
     assert groups["infgen"]["pool"].shape[0] == 4 and np.isfinite(groups["infgen"]["pool"]).all()
+
+
+def test_the_gpu_demo_workflow_loads_with_training_on_gpus():
+    from jobs.train_command import build_config
+    from jobs.workflow.spec import load_workflow, stage_options
+
+    spec = load_workflow("bench/gpu_demo.yaml")
+    assert [stage.command for stage in spec.stages] == ["ingest", "latents", "train", "train", "evaluate"]
+    trains = [stage for stage in spec.stages if stage.command == "train"]
+    configs = [build_config(stage_options(spec, stage, "RUN")) for stage in trains]
+    assert [(config.use_gpu, config.num_workers) for config in configs] == [(True, 1), (True, 1)]
