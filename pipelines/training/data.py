@@ -5,9 +5,17 @@ Every global batch has one target size (bucketed), and batch number g is a pure 
 would have. Rank r takes its slice of each global batch. The ground truth is rebuilt from the source image
 and the stored crop box (pipelines/common/latent_shards.py).
 
+Off the training step: the next `prefetch` batches are assembled on a background thread while the step runs,
+their ground truths decoded and resized `decode_threads` at a time (Pillow works without the GIL), a JPEG
+at the smallest DCT scale that still holds its crop at the target size (`ground_truth`). Shards are read
+once an epoch per rank: reading one keeps just the rows this rank takes from it for the rest of the epoch
+(about their images' bytes) and lets the shard go, so a bucket whose samples are spread over many shards
+(stage 2's rare target sizes) costs memory for those rows, not another read of a 1–3 GB shard.
+
 Both kinds of shard are checked against their stages' records (pipelines/common/shard_integrity.py): sizes
 when the batches are planned (the driver has checked them already, before Ray Train started), and each
-shard's sha256 when it is read whole into the cache.
+shard's sha256 when it is read whole. An image that fails to decode under the large-image policy
+(pipelines/common/image_policy.py) is skipped with its key (`skipped`): its sample is replaced in the batch.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections import OrderedDict, defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,6 +40,7 @@ from pipelines.common.latent_shards import read_latents
 from pipelines.common.shard_integrity import check_shards, read_verified
 
 PLAN_COLUMNS = ["key", "target_height", "target_width"]
+CROP_COLUMNS = ["crop_top", "crop_left", "crop_height", "crop_width", "target_height", "target_width", "seed"]
 logger = logging.getLogger(__name__)
 
 
@@ -40,6 +49,16 @@ class SampleRef:
     shard: str
     row: int
     target: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Row:
+    """What one sample needs once its shard is gone: ~the source image's bytes."""
+
+    latent: np.ndarray
+    crop: CropSample
+    key: str
+    image: bytes
 
 
 class LatentBatches:
@@ -53,6 +72,7 @@ class LatentBatches:
         max_target_side: int | None = None,
         prefetch: int = 2,
         decode_threads: int = 2,
+        reduced_decode: bool = True,
     ):
         self.latent_records = check_shards(latents_dir, "training latents")
         self.image_records = check_shards(images_dir, "training images")
@@ -60,9 +80,14 @@ class LatentBatches:
         self.filesystem, self.latents_root = filesystem, root
         self.images_root = fsspec.core.url_to_fs(images_dir)[1]
         self.global_batch, self.seed = global_batch, seed
-        self.cache: OrderedDict[str, Future] = OrderedDict()
-        self.cache_shards = max(2, cache_shards)
+        self.cache_shards = max(2, cache_shards)  # the planning window: 2 shards' worth of rows in memory
+        self.shard_reads: Counter[str] = Counter()  # shard → times read whole
+        self._rows: dict[SampleRef, _Row] = {}  # rows read ahead of the batch that takes them
+        self._rows_epoch: int | None = None
+        self._plan: dict[str, list[tuple[int, SampleRef]]] = {}
+        self._plan_key: tuple[int, int, int] | None = None
         self.prefetch, self.decode_threads = max(0, prefetch), max(1, decode_threads)
+        self.reduced_decode = reduced_decode  # False: every image decoded in full (bench/train.py compares)
         self._lock = threading.Lock()
         self._decoders: ThreadPoolExecutor | None = None
         self._assembler: ThreadPoolExecutor | None = None
@@ -97,9 +122,9 @@ class LatentBatches:
 
         Shards are visited in a seeded order, a window of `cache_shards // 2` at a time; each window's samples
         are bucketed by target size, cut into global batches and shuffled, and a bucket's leftover samples
-        (fewer than a batch) carry over into the next window. So a worker reads each image shard about once an
-        epoch (a window and the one before it fit the shard cache) instead of one shard per sample, and every
-        bucket still yields floor(samples / global_batch) batches an epoch, the same number in every epoch.
+        (fewer than a batch) carry over into the next window. So the rows a rank keeps from the shards it has
+        read are mostly a window's, plus the carried ones, and every bucket still yields
+        floor(samples / global_batch) batches an epoch, the same number in every epoch.
         """
         if number not in self._epoch_cache:
             rng = np.random.default_rng([self.seed, number])
@@ -131,6 +156,7 @@ class LatentBatches:
 
     def _load_shard(self, name: str) -> tuple:
         # Read whole (as parsing would), checked, then parsed: the bytes checked are the bytes used.
+        self.shard_reads[name] += 1
         latents = read_verified(f"{self.latents_root}/{name}", self.latent_records, self.filesystem)
         table = pq.read_table(pa.BufferReader(latents))
         images = read_verified(f"{self.images_root}/{name}", self.image_records, self.filesystem)
@@ -138,40 +164,55 @@ class LatentBatches:
         lookup = dict(zip(images.column("key").to_pylist(), range(images.num_rows)))
         return table, read_latents(table), images, lookup
 
-    def _shard(self, name: str):
-        """The parsed shard, from the cache (least recently used out). Threads share it: the first to ask
-        for a shard loads it, outside the lock; the others wait for that load, not for the lock."""
-        with self._lock:
-            entry, owner = self.cache.get(name), False
-            if entry is None:
-                entry, owner = Future(), True
-                self.cache[name] = entry
-            self.cache.move_to_end(name)
-            while len(self.cache) > self.cache_shards:
-                self.cache.popitem(last=False)  # a thread still using it keeps its own reference
-        if owner:
-            try:
-                entry.set_result(self._load_shard(name))
-            except BaseException as error:
-                entry.set_exception(error)
-                with self._lock:
-                    if self.cache.get(name) is entry:
-                        del self.cache[name]  # the next ask tries again
-        return entry.result()
+    def _rank_plan(self, number: int, rank: int, world_size: int) -> dict[str, list[tuple[int, SampleRef]]]:
+        """Epoch `number`'s samples this rank takes, by shard: [(global batch index, ref)]."""
+        if self._plan_key != (number, rank, world_size):
+            plan: dict[str, list[tuple[int, SampleRef]]] = defaultdict(list)
+            for offset, refs in enumerate(self.epoch(number)):
+                size = len(refs) // world_size
+                for ref in refs[rank * size : (rank + 1) * size]:
+                    plan[ref.shard].append((number * self.per_epoch + offset, ref))
+            self._plan, self._plan_key = plan, (number, rank, world_size)
+        return self._plan
 
-    def _sample(self, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """(latent, truth (3, H, W) in [-1, 1], key); UndecodableImage if the image fails under the policy."""
-        table, latent_array, images, lookup = self._shard(ref.shard)
-        row = table.slice(ref.row, 1).to_pylist()[0]
-        sample = CropSample(row["crop_top"], row["crop_left"], row["crop_height"], row["crop_width"],
-                            row["target_height"], row["target_width"], row["seed"])  # fmt: skip
+    def _take_rows(self, name: str, index: int, rank: int, world_size: int) -> None:
+        """Read shard `name` and keep every row of it this rank takes from batch `index` to the epoch's end:
+        the shard itself is not kept, so it is read once an epoch (per rank), whatever the bucket order."""
+        number = index // self.per_epoch
+        wanted = [ref for at, ref in self._rank_plan(number, rank, world_size)[name] if at >= index]
+        table, latent_array, images, lookup = self._load_shard(name)
+        columns = {c: table.column(c).to_pylist() for c in ("key", *CROP_COLUMNS)}
+        image_column = images.column("image")
+        for ref in wanted:
+            crop = CropSample(*(columns[c][ref.row] for c in CROP_COLUMNS))
+            key = columns["key"][ref.row]
+            self._rows[ref] = _Row(latent_array[ref.row].copy(), crop, key, image_column[lookup[key]].as_py())
+
+    def _resolve(self, index: int, rank: int, world_size: int) -> list[_Row]:
+        """This rank's rows of batch `index`, taken out of the kept rows (reading their shards if needed)."""
+        number = index // self.per_epoch
+        if self._rows_epoch != number:
+            self._rows.clear()  # rows kept for another epoch (a jump: a resume, a test) are not needed now
+            self._rows_epoch = number
+        refs = self.global_batch_refs(index)
+        size = len(refs) // world_size
+        rows = []
+        for ref in refs[rank * size : (rank + 1) * size]:
+            if ref not in self._rows:
+                self._take_rows(ref.shard, index, rank, world_size)
+            rows.append(self._rows.pop(ref))
+        return rows
+
+    def _sample(self, row: _Row) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent, truth (3, H, W) in [-1, 1]); UndecodableImage (with .key) if the image fails."""
         try:
-            truth = ground_truth(images.column("image")[lookup[row["key"]]].as_py(), sample)
+            truth = ground_truth(row.image, row.crop, self.reduced_decode)
         except UndecodableImage as error:
-            error.key = row["key"]
+            error.key = row.key
             raise
-        latent = torch.from_numpy(latent_array[ref.row].copy())
-        return latent, torch.from_numpy(truth.copy()).permute(2, 0, 1).float() / 127.5 - 1.0, row["key"]
+        return torch.from_numpy(row.latent), torch.from_numpy(truth.copy()).permute(
+            2, 0, 1
+        ).float() / 127.5 - 1
 
     def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
         # Made on first use, in the process that uses them (the object may be built elsewhere).
@@ -181,11 +222,10 @@ class LatentBatches:
         return self._decoders, self._assembler
 
     def _assemble(self, index: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        refs = self.global_batch_refs(index)
-        size = len(refs) // world_size
-        mine = refs[rank * size : (rank + 1) * size]
+        # Runs on the one assembler thread: the kept rows and the plan are only ever touched here.
+        rows = self._resolve(index, rank, world_size)
         decoders, _ = self._pools()
-        futures = [decoders.submit(self._sample, ref) for ref in mine]
+        futures = [decoders.submit(self._sample, row) for row in rows]
         results, failed = [], []
         for future in futures:
             try:
@@ -208,9 +248,8 @@ class LatentBatches:
             results = [result or good[i % len(good)] for i, result in enumerate(results)]
         latent_batch = torch.stack([result[0] for result in results])
         if not torch.isfinite(latent_batch).all():
-            raise ValueError(
-                f"non-finite latents in global batch {index} (shards {sorted({r.shard for r in refs})})"
-            )
+            shards = sorted({ref.shard for ref in self.global_batch_refs(index)})
+            raise ValueError(f"non-finite latents in global batch {index} (shards {shards})")
         return latent_batch, torch.stack([result[1] for result in results])
 
     def batch(self, index: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +280,7 @@ class LatentBatches:
         self._ahead.clear()
 
 
-def ground_truth(data: bytes, sample: CropSample) -> np.ndarray:
+def ground_truth(data: bytes, sample: CropSample, reduced: bool = True) -> np.ndarray:
     """The sample's ground truth (target_h × target_w × 3 uint8) from the original image's bytes.
 
     A JPEG is decoded at the smallest of 1/8, 1/4, 1/2 or full scale that still holds the crop at its target
@@ -252,7 +291,7 @@ def ground_truth(data: bytes, sample: CropSample) -> np.ndarray:
     image = open_checked(data)
     width, height = image.size
     shrink = min(sample.height / sample.target_height, sample.width / sample.target_width)
-    if shrink >= 2 and image.format == "JPEG":
+    if reduced and shrink >= 2 and image.format == "JPEG":
         image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
     load_checked(image)
     if image.mode != "RGB":
