@@ -182,11 +182,13 @@ class LatentBatches:
         wanted = [ref for at, ref in self._rank_plan(number, rank, world_size)[name] if at >= index]
         table, latent_array, images, lookup = self._load_shard(name)
         columns = {c: table.column(c).to_pylist() for c in ("key", *CROP_COLUMNS)}
-        image_column = images.column("image")
+        image_column, image_bytes = images.column("image"), {}
         for ref in wanted:
             crop = CropSample(*(columns[c][ref.row] for c in CROP_COLUMNS))
             key = columns["key"][ref.row]
-            self._rows[ref] = _Row(latent_array[ref.row].copy(), crop, key, image_column[lookup[key]].as_py())
+            if key not in image_bytes:  # an image's samples share one copy of its bytes
+                image_bytes[key] = image_column[lookup[key]].as_py()
+            self._rows[ref] = _Row(latent_array[ref.row].copy(), crop, key, image_bytes[key])
 
     def _resolve(self, index: int, rank: int, world_size: int) -> list[_Row]:
         """This rank's rows of batch `index`, taken out of the kept rows (reading their shards if needed)."""
