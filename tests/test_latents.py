@@ -60,6 +60,7 @@ def test_every_image_is_accounted_for(embedded_images, latent_run):
     assert counts["images"] == embedded_images["manifest"]["counts"]["buckets"]["kept"]
     assert counts["images_used"] + sum(counts["skipped"].values()) == counts["images"]
     assert counts["samples"] == 4 * counts["images_used"] > 0
+    assert counts["undecodable"] == {}  # ingest verified every image, under the same policy
     assert latent_run["manifest"]["latent_shape"] == [4, 8, 8]
     assert "substitute" in latent_run["manifest"]["vae"]
 
