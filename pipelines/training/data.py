@@ -83,7 +83,7 @@ class LatentBatches:
         self.cache_shards = max(2, cache_shards)  # the planning window: 2 shards' worth of rows in memory
         self.shard_reads: Counter[str] = Counter()  # shard → times read whole
         self._rows: dict[SampleRef, _Row] = {}  # rows read ahead of the batch that takes them
-        self._rows_epoch: int | None = None
+        self._rows_for: tuple[int, int, int] | None = None  # (epoch, rank, world size) of the kept rows
         self._plan: dict[str, list[tuple[int, SampleRef]]] = {}
         self._plan_key: tuple[int, int, int] | None = None
         self.prefetch, self.decode_threads = max(0, prefetch), max(1, decode_threads)
@@ -193,9 +193,9 @@ class LatentBatches:
     def _resolve(self, index: int, rank: int, world_size: int) -> list[_Row]:
         """This rank's rows of batch `index`, taken out of the kept rows (reading their shards if needed)."""
         number = index // self.per_epoch
-        if self._rows_epoch != number:
-            self._rows.clear()  # rows kept for another epoch (a jump: a resume, a test) are not needed now
-            self._rows_epoch = number
+        if self._rows_for != (number, rank, world_size):
+            self._rows.clear()  # kept for another epoch or rank (a resume, a validation batch): not needed
+            self._rows_for = (number, rank, world_size)
         refs = self.global_batch_refs(index)
         size = len(refs) // world_size
         rows = []
