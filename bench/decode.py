@@ -42,14 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-mib", type=float, help="same for peak memory; default 80%% of what is free")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
     parser.add_argument("--output", help="also write the markdown report to this file")
+    # The decode speed levers, to measure them against the defaults (bench/README.md, "Decode speed levers")
+    parser.add_argument("--tile-cells", type=int, help="pixel-decoder tile side (default: infgen.decode's)")
+    parser.add_argument("--no-channels-last", action="store_true", help="keep the conv weights NCHW")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one CPU case in a fresh process
     args = parser.parse_args(argv)
     args.presets = args.presets or (["paper"] if args.device == "cuda" else ["tiny", "base"])
     return args
 
 
-def build(preset_name: str, decoder: str, size: int, device: str):
-    """Random-init model and input for one case (timing only) → a zero-argument callable that decodes once."""
+def build(preset_name: str, decoder: str, size: int, device: str, levers: dict | None = None):
+    """Random-init model and input for one case (timing only) → a zero-argument callable that decodes once.
+    `levers`: infgen.decode's tile_cells / channels_last, where not its defaults."""
     from infgen.decode import decode
     from infgen.model import InfGen, preset
 
@@ -59,7 +63,7 @@ def build(preset_name: str, decoder: str, size: int, device: str):
     if decoder == "infgen":
         model = InfGen(config).to(device=device, dtype=dtype)
         latents = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
-        return lambda: decode(model, latents, (size, size))
+        return lambda: decode(model, latents, (size, size), **(levers or {}))
     # diffusers only here: `--decoders infgen` runs where it is not installed
     from diffusers import AutoencoderKL
     from diffusers.utils import logging
@@ -98,7 +102,7 @@ def measure(case: dict, args: argparse.Namespace) -> dict:
     counted; ru_maxrss cannot be reset, so it is only a fallback (a higher construction peak hides the call).
     """
     cuda = args.device == "cuda"
-    run = build(case["preset"], case["decoder"], case["size"], args.device)
+    run = build(case["preset"], case["decoder"], case["size"], args.device, levers(args))
     sync = torch.cuda.synchronize if cuda else (lambda: None)  # kernels are asynchronous: time to completion
     if cuda:
         sync()
@@ -130,6 +134,11 @@ def measure(case: dict, args: argparse.Namespace) -> dict:
     return result if cuda else {**result, "cpu_seconds": median(cpu_times)}  # CUDA: host time says nothing
 
 
+def levers(args: argparse.Namespace) -> dict:
+    chosen = {} if args.tile_cells is None else {"tile_cells": args.tile_cells}
+    return chosen | ({"channels_last": False} if args.no_channels_last else {})
+
+
 def run_case(case: dict, args: argparse.Namespace) -> dict:
     """CPU cases run in a fresh interpreter: the RSS high-water mark never falls and glibc keeps freed arenas,
     so in one process each case would inherit the footprint of the ones before it. CUDA's allocator counts
@@ -140,6 +149,8 @@ def run_case(case: dict, args: argparse.Namespace) -> dict:
         return result
     argv = [sys.executable, __file__, "--child", json.dumps(case), "--threads", str(args.threads)]
     argv += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    argv += ["--tile-cells", str(args.tile_cells)] if args.tile_cells is not None else []
+    argv += ["--no-channels-last"] if args.no_channels_last else []
     proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
     if proc.returncode:  # killed by SIGKILL (9): most likely the kernel's out-of-memory killer
         code = proc.returncode
@@ -203,6 +214,7 @@ def main(argv=None) -> None:
             free = next(int(line.split()[1]) * 2**10 for line in meminfo if line.startswith("MemAvailable"))
         args.budget_mib = 0.8 * (torch.cuda.mem_get_info()[0] if args.device == "cuda" else free) / 2**20
     header = f"Decode benchmark, {args.device}, {datetime.datetime.now():%Y-%m-%d %H:%M}. {machine(args)}"
+    header += f"; decode options {levers(args) or 'infgen.decode defaults'}"
     print(f"torch threads: {torch.get_num_threads()}\n{header}", flush=True)
     rows = []
     for preset_name in args.presets:

@@ -22,7 +22,11 @@ from infgen.pixel_decoder import UPSAMPLE_FACTOR
 from infgen.vae import VAE_DOWNSAMPLE_FACTOR
 
 DEFAULT_QUERY_CHUNK = 16384  # mask tokens per chunk: a 1024² output (16,384 tokens) still runs in one piece
-DEFAULT_TILE_CELLS = 64  # pixel-decoder tile side in token cells (512 px); larger grids are tiled
+# Pixel-decoder tile side in token cells (2048 px); larger grids are tiled. A tile recomputes a halo of the
+# decoder's receptive radius on each side (`paper` 18 cells): at 64-cell tiles that was 1.6-2.2× the output's
+# work from 1024² to 4096², at 256 it is one pass up to 2048² and 1.15× at 4096², while peak memory stays one
+# tile's, so 4096² still needs about as much as 2048² (bench/README.md, "Decode speed levers").
+DEFAULT_TILE_CELLS = 256
 
 
 class LatentEncoder(Protocol):
@@ -83,11 +87,14 @@ def decode(
     size: tuple[int, int],
     query_chunk: int = DEFAULT_QUERY_CHUNK,
     tile_cells: int = DEFAULT_TILE_CELLS,
+    channels_last: bool = True,
 ) -> torch.Tensor:
     """Decode scaled latents (B, C, h_l, w_l) to images (B, 3, h, w) in [-1, 1], in one pass of the model.
 
     Latents use the diffusion convention: VAE latents already multiplied by the VAE's scaling factor.
     Tiling starts only when the token grid is larger than one tile, so small decodes stay one pass.
+    channels_last: put the pixel decoder's conv weights in channels-last layout first (once; it stays so:
+    the same values, faster convolutions, PixelDecoder.to_channels_last).
     """
     height, width = validate_request(model, latents, size)
     rows, cols = math.ceil(height / UPSAMPLE_FACTOR), math.ceil(width / UPSAMPLE_FACTOR)
@@ -96,6 +103,8 @@ def decode(
     latents = latents.to(device=parameter.device, dtype=parameter.dtype)
     was_training = model.training
     model.eval()
+    if channels_last:
+        model.pixel_decoder.to_channels_last()
     try:
         images = model(latents, (height, width), query_chunk=query_chunk, tile_cells=tile)
     finally:

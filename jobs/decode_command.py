@@ -23,7 +23,7 @@ class DecodeOptions:
     device: str = option("cpu", help="torch device")
     dtype: str = option("float32", choices=("float32", "bfloat16"), help="weights and activations")
     query_chunk: int = option(16384, help="mask tokens decoded at once")
-    tile_cells: int = option(64, help="pixel-decoder tile side, in 8-px cells")
+    tile_cells: int = option(256, help="pixel-decoder tile side, in 8-px cells (infgen.decode's default)")
 
 
 def load_latents(path: str | Path):

@@ -176,6 +176,19 @@ def test_decode_tiles_large_outputs_exactly():
     assert (whole - tiled).abs().max().item() <= 1e-4
 
 
+def test_channels_last_decodes_the_same_pixels_and_saves_contiguous(tmp_path):
+    model = randomized(InfGen(MICRO))
+    latents = torch.randn(1, 4, 16, 16)
+    plain = decode(model, latents, (600, 424), tile_cells=16, channels_last=False)
+    assert not model.pixel_decoder.channels_last
+    fast = decode(model, latents, (600, 424), tile_cells=16)
+    assert model.pixel_decoder.channels_last and fast.is_contiguous()
+    assert (plain - fast).abs().max().item() <= 1e-4
+    reloaded = infgen.load(infgen.save(model, tmp_path / "decoder"))  # safetensors wants contiguous weights
+    again = decode(reloaded, latents, (600, 424), tile_cells=16, channels_last=False)
+    assert (again - plain).abs().max().item() <= 1e-4
+
+
 def test_tiny_model_overfits_one_photograph():
     # A real photograph at 128², and a fixed 4-channel "latent" of its 4× area-downsample: capacity, not
     # the VAE, is under test. lr 1e-3: 2e-3 and above made this run unstable (measured).
