@@ -2,7 +2,8 @@
 # One GPU check in under 10 minutes (issue 15), for one lent H100/H200 with no network. Parts, in order:
 #   (e) the evaluation's scorer on CUDA without Ray: InfGen, the stock decoder, Inception and LPIPS on the GPU,
 #       chunks of a latent file scored, and LPIPS fed host-built images (the bug this issue fixed);
-#   (d) bench/decode.py, InfGen `paper` at 1024², 2048², 4096² (targets: 2048² ≤ 0.3 s, 4096² ≤ 1.0 s);
+#   (d) bench/decode.py, InfGen `paper` at 1024², 2048², 4096² (targets: 2048² ≤ 0.3 s, 4096² ≤ 1.0 s),
+#       then 2048² and 4096² again with the speed levers off (64-cell tiles, NCHW), the before/after;
 #   (t) bench/train.py: plain torch against our DeepSpeed step, `paper` at 1024², batch 4, checkpointing on;
 #   (w) the reduced demo workflow (bench/gpu_demo.yaml: ingest, latents, two training stages, evaluation)
 #       end to end on CUDA with the time that is left. It needs the pipeline extra (ray, mlflow, img2dataset,
@@ -95,6 +96,12 @@ timeout "$(cap 150 300)" "$PY" bench/decode.py --device cuda --presets paper --d
   --sizes 1024 2048 4096 --repeats 5 --budget-seconds 30 --output "$OUT/decode-gpu.md" \
   > "$OUT/decode-gpu.log" 2>&1 || echo "FAILED: bench/decode.py (exit $?), see decode-gpu.log"
 tail -n 12 "$OUT/decode-gpu.log"
+# the same with the levers off (64-cell tiles, NCHW weights: the defaults before issue 15), for the before/after
+timeout "$(cap 90 300)" "$PY" bench/decode.py --device cuda --presets paper --decoders infgen \
+  --sizes 2048 4096 --repeats 5 --budget-seconds 30 --tile-cells 64 --no-channels-last \
+  --output "$OUT/decode-gpu-levers-off.md" >> "$OUT/decode-gpu.log" 2>&1 \
+  || echo "FAILED: bench/decode.py with the levers off (exit $?)"
+tail -n 6 "$OUT/decode-gpu-levers-off.md" 2>/dev/null
 
 # (t) plain vs DeepSpeed training step: paper@1024², batch 4, checkpointing on (as the stage1 preset)
 echo "== (t) bench/train.py"
