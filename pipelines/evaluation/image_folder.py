@@ -11,12 +11,12 @@ itself.
 from __future__ import annotations
 
 import hashlib
-import io
 
 import fsspec
 from PIL import Image
 
 from pipelines.common.crops import largest_crop
+from pipelines.common.image_policy import UndecodableImage, decode_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -44,23 +44,22 @@ def folder_images(folder: str, max_images: int) -> list[dict]:
 
 
 def describe(path: str, payload: bytes) -> dict:
-    """The file's record, after decoding it fully (a truncated or corrupt file fails here, named)."""
+    """The file's record, after decoding it fully under the project's large-image policy (a truncated, corrupt
+    or over-200 MP file fails here, named with the policy's reason)."""
     try:
-        with Image.open(io.BytesIO(payload)) as image:
-            image.load()
-            width, height = image.size
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        width, height = decode_rgb(payload).size
+    except UndecodableImage as error:
         raise ValueError(f"image file {path} cannot be decoded: {error}") from None
     return {"path": path, "key": path.rsplit("/", 1)[-1], "height": height, "width": width,
             "sha256": hashlib.sha256(payload).hexdigest()}  # fmt: skip
 
 
 def read_folder_images(refs: list[dict]) -> list[Image.Image]:
-    """RGB Pillow images of `folder_images` records."""
+    """RGB Pillow images of `folder_images` records (decoded as `describe` checked them)."""
     images = []
     for ref in refs:
-        with fsspec.open(ref["path"], "rb") as handle, Image.open(io.BytesIO(handle.read())) as image:
-            images.append(image.convert("RGB"))
+        with fsspec.open(ref["path"], "rb") as handle:
+            images.append(decode_rgb(handle.read()))
     return images
 
 
