@@ -74,3 +74,22 @@ def embedded_latents(embedded_images, tmp_path_factory):
                  "smoke", "--tracking-uri", f"sqlite:///{output.parent / 'mlflow.db'}"]  # fmt: skip
     manifest = run_arguments(arguments)
     return {"latents": output, "images": embedded_images["images"], "manifest": manifest}
+
+
+@pytest.fixture(scope="session")
+def stage1_small(embedded_latents, tmp_path_factory):
+    """One uninterrupted `stage1-small` training run on `embedded_latents`, in this process: what the fault
+    tests (a killed driver, a failed worker, a lost node) compare their resumed runs with, step for step."""
+    import signal
+
+    from pipelines.common.tracking import StageTracking
+    from pipelines.training.config import STAGE1_SMALL
+    from pipelines.training.stage import run_training
+
+    storage = tmp_path_factory.mktemp("train")
+    tracking = f"sqlite:///{storage / 'mlflow.db'}"
+    latents, images = str(embedded_latents["latents"]), str(embedded_latents["images"])
+    handler_before = signal.getsignal(signal.SIGINT)
+    result = run_training(STAGE1_SMALL, latents, images, str(storage / "stage1"), StageTracking(tracking))
+    return {"storage": storage, "tracking": tracking, "latents": latents, "images": images, "result": result,
+            "sigint_handlers": (handler_before, signal.getsignal(signal.SIGINT))}  # fmt: skip

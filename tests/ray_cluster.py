@@ -147,7 +147,11 @@ class LocalCluster:
         agent_port, metrics_port = free_ports(2)
         command = ["--address", self.gcs, "--num-cpus", str(cpus), "--resources",
                    json.dumps({name: 1, **(resources or {})}), "--dashboard-agent-listen-port",
-                   str(agent_port), "--metrics-export-port", str(metrics_port)]  # fmt: skip
+                   str(agent_port), "--metrics-export-port", str(metrics_port),
+                   # Its own temp dir, as a machine of its own has: nodes sharing one would share one copy of
+                   # each job's working_dir, which a node's runtime-env agent deletes when its own workers are
+                   # done with it, under the feet of a driver on another node (seen: ENOENT in a stage job).
+                   "--temp-dir", f"{self.temp_dir}-{name}"]  # fmt: skip
         node = self._start(name, command)
         deadline = time.monotonic() + STARTUP_DEADLINE_S
         while name not in self.alive_node_resources():
@@ -260,5 +264,7 @@ class LocalCluster:
             kill_all(left)
             time.sleep(0.1)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for name in self.nodes:
+            shutil.rmtree(f"{self.temp_dir}-{name}", ignore_errors=True)
         for node in self.nodes.values():
             node.log.unlink(missing_ok=True)

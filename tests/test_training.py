@@ -30,15 +30,9 @@ def losses_by_step(path):
     return by_step
 
 
-@pytest.fixture(scope="module")
-def stage1(embedded_latents, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("train")
-    tracking = f"sqlite:///{storage / 'mlflow.db'}"
-    latents, images = str(embedded_latents["latents"]), str(embedded_latents["images"])
-    handler_before = signal.getsignal(signal.SIGINT)
-    result = run_training(STAGE1_SMALL, latents, images, str(storage / "stage1"), StageTracking(tracking))
-    return {"storage": storage, "tracking": tracking, "latents": latents, "images": images, "result": result,
-            "sigint_handlers": (handler_before, signal.getsignal(signal.SIGINT))}  # fmt: skip
+@pytest.fixture
+def stage1(stage1_small):
+    return stage1_small
 
 
 def test_ctrl_c_is_the_callers_again_after_training(stage1):
@@ -213,7 +207,6 @@ def test_a_killed_driver_resumes_to_the_same_losses(stage1, ray_address):
     """SIGKILL the whole driver process group after the first checkpoint, rerun the same command: training
     resumes from that checkpoint and logs the uninterrupted run's losses step for step."""
     import os
-    import signal
     import subprocess
     import sys
     import time
